@@ -1,0 +1,315 @@
+//! The per-identifier answer cache: key derivation, entries, the cacheability policy, and the
+//! moka facade with its byte budget.
+//!
+//! Cache-safety invariant (enforced by [`CacheKey`]'s fields, which are all compared): a key
+//! always carries the upstream, the AccessID, every top-level request field other than the list
+//! (canonicalized, so `account_type` absent ≠ `0`), and the identifier with every element-level
+//! field (the element's own `account_type`, any unknown element fields). `operator_type` is
+//! carried by the identifier's variant. Nothing cached for one app can be found under another's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use moka::Expiry;
+use tokio::time::Instant;
+
+use crate::api::query::{Answer, ElementCode, Ident};
+
+/// Everything that can change an identifier's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// The upstream base URL (access points are isolated from each other).
+    pub upstream: Arc<str>,
+    /// The app (Basic user / AccessId).
+    pub access_id: Arc<str>,
+    /// Canonical top-level fields other than `operator_type` and the list (see
+    /// [`crate::api::query::QueryRequest::top_scope`]); shared by a whole request.
+    pub top_scope: Option<Arc<str>>,
+    pub ident: Ident,
+}
+
+/// One cached answer.
+#[derive(Debug)]
+pub struct Entry {
+    pub answer: Answer,
+    /// Logical expiry, on [`Clock`] time.
+    pub expires_at: Instant,
+    /// How long moka keeps it (the same lifetime, on moka's own clock), so memory is reclaimed.
+    ttl: Duration,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A fresh positive answer (element code `"0"`).
+    Hit(Arc<Entry>),
+    /// A fresh not-found answer.
+    NegativeHit(Arc<Entry>),
+    Miss,
+}
+
+/// The time the cache logic runs on: tokio's clock (so `tokio::time::pause` applies) plus a
+/// manual offset that tests can advance without pausing the runtime their servers run on.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_nanos: Arc<AtomicU64>,
+}
+
+impl Clock {
+    pub fn now(&self) -> Instant {
+        Instant::now() + Duration::from_nanos(self.offset_nanos.load(Ordering::Relaxed))
+    }
+    /// Moves this clock forward (tests).
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.offset_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// Which answers may be cached, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+}
+
+impl Policy {
+    /// `"0"` with an element → `ttl`; `"10110008"` → `negative_ttl` (0 = not cached);
+    /// anything else (including `"0"` without an element, which the docs do not describe) → never.
+    pub fn lifetime(&self, answer: &Answer) -> Option<Duration> {
+        match (&answer.code, &answer.element) {
+            (ElementCode::Ok, Some(_)) => Some(self.ttl),
+            (ElementCode::Ok, None) => None,
+            (ElementCode::NotFound, _) if !self.negative_ttl.is_zero() => Some(self.negative_ttl),
+            (ElementCode::NotFound, _) => None,
+            (ElementCode::Other(_), _) => None,
+        }
+    }
+}
+
+/// Fixed bytes per entry beyond the key's and element's heap data: the key and entry structs,
+/// the `Arc`, and moka's own bookkeeping (its deque nodes and hash table slot), measured roughly.
+const ENTRY_OVERHEAD_BYTES: usize =
+    std::mem::size_of::<CacheKey>() + std::mem::size_of::<Entry>() + 160;
+
+fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
+    let bytes = ENTRY_OVERHEAD_BYTES
+        + key.ident.heap_bytes()
+        + entry.answer.element.as_ref().map_or(0, |e| e.get().len());
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The in-process tier: moka with a byte budget and per-entry lifetimes.
+#[derive(Clone)]
+pub struct Store {
+    cache: Cache<CacheKey, Arc<Entry>>,
+    policy: Policy,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("entries", &self.cache.entry_count())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new(max_bytes: u64, policy: Policy, clock: Clock) -> Store {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(weigh)
+            .expire_after(EntryExpiry)
+            .build();
+        Store {
+            cache,
+            policy,
+            clock,
+        }
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Lookup {
+        let Some(entry) = self.cache.get(key).await else {
+            return Lookup::Miss;
+        };
+        if self.clock.now() >= entry.expires_at {
+            return Lookup::Miss;
+        }
+        match entry.answer.code {
+            ElementCode::Ok => Lookup::Hit(entry),
+            ElementCode::NotFound => Lookup::NegativeHit(entry),
+            // Never stored (see `Policy::lifetime`), but a lookup must not guess.
+            ElementCode::Other(_) => Lookup::Miss,
+        }
+    }
+
+    /// Wraps an upstream answer into an entry and stores it when the policy allows.
+    /// Returns the entry either way (the caller stitches with it).
+    pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
+        let lifetime = self.policy.lifetime(&answer);
+        let ttl = lifetime.unwrap_or(Duration::ZERO);
+        let entry = Arc::new(Entry {
+            answer,
+            expires_at: self.clock.now() + ttl,
+            ttl,
+        });
+        if lifetime.is_some() {
+            self.cache.insert(key, entry.clone()).await;
+        }
+        entry
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn weighted_bytes(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// Lets moka apply pending writes and evictions (so the counts above are current).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn key(app: &str, token: &str) -> CacheKey {
+        CacheKey {
+            upstream: Arc::from("http://u"),
+            access_id: Arc::from(app),
+            top_scope: None,
+            ident: Ident::Token(token.into()),
+        }
+    }
+
+    fn ok() -> Answer {
+        Answer {
+            code: ElementCode::Ok,
+            element: Some(RawValue::from_string(r#"{"token":"t","account_list":[]}"#.into()).unwrap()),
+        }
+    }
+
+    fn not_found() -> Answer {
+        Answer {
+            code: ElementCode::NotFound,
+            element: None,
+        }
+    }
+
+    fn store(negative: u64) -> Store {
+        Store::new(
+            1 << 20,
+            Policy {
+                ttl: Duration::from_secs(60),
+                negative_ttl: Duration::from_secs(negative),
+            },
+            Clock::default(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn positive_and_negative_lifetimes() {
+        let s = store(10);
+        s.put(key("a", "t1"), ok()).await;
+        s.put(key("a", "t2"), not_found()).await;
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Hit(_)));
+        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::NegativeHit(_)));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Hit(_)));
+        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+    }
+
+    #[tokio::test]
+    async fn manual_clock_expires() {
+        let s = store(10);
+        s.put(key("a", "t2"), not_found()).await;
+        s.clock().advance(Duration::from_secs(10));
+        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+    }
+
+    #[tokio::test]
+    async fn apps_do_not_share_entries() {
+        let s = store(10);
+        s.put(key("a", "t1"), ok()).await;
+        assert!(matches!(s.get(&key("b", "t1")).await, Lookup::Miss));
+    }
+
+    #[tokio::test]
+    async fn uncacheable_answers_are_not_stored() {
+        let s = store(0);
+        s.put(key("a", "nf"), not_found()).await;
+        s.put(
+            key("a", "bad"),
+            Answer {
+                code: ElementCode::Other("1008006".into()),
+                element: None,
+            },
+        )
+        .await;
+        s.put(
+            key("a", "ok-no-element"),
+            Answer {
+                code: ElementCode::Ok,
+                element: None,
+            },
+        )
+        .await;
+        s.sync().await;
+        assert_eq!(s.entry_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn byte_budget_is_enforced() {
+        let s = Store::new(
+            64 * 1024,
+            Policy {
+                ttl: Duration::from_secs(60),
+                negative_ttl: Duration::from_secs(60),
+            },
+            Clock::default(),
+        );
+        for i in 0..5000 {
+            s.put(key("a", &format!("token-{i}")), ok()).await;
+        }
+        s.sync().await;
+        assert!(s.weighted_bytes() <= 64 * 1024, "{}", s.weighted_bytes());
+        assert!(s.entry_count() > 50);
+    }
+}

@@ -1,0 +1,474 @@
+//! Configuration: built-in defaults < TOML file < `TPNS_CACHE_*` environment variables.
+//!
+//! Every key has a documented default below (the consts), and `config/tpns-cache.toml` repeats
+//! them all; a test proves the two agree. Unknown keys and invalid values stop start-up with a
+//! message naming the key (the binary exits with code 2).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix; nesting levels are separated by `__`.
+pub const ENV_PREFIX: &str = "TPNS_CACHE_";
+/// Environment variable naming the config file (used when `--config` is not given).
+pub const ENV_CONFIG_FILE: &str = "TPNS_CACHE_CONFIG";
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// The Guangzhou access point, TPNS's default.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.tpns.tencent.com";
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_UPSTREAM_MAX_BATCH: usize = 100;
+/// Upper bound for `upstream.max_batch`: the largest list any documented TPNS API accepts.
+pub const MAX_UPSTREAM_MAX_BATCH: usize = 1000;
+pub const DEFAULT_UPSTREAM_MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(10);
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_PARTIAL_FAILURE_RET_CODE: i64 = 1_008_026;
+pub const DEFAULT_ALL_FAILED_RET_CODE: i64 = 1_008_027;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+pub const DEFAULT_MAX_ITEMS: usize = 1000;
+/// Accounts are documented as at most 100 characters: 400 bytes of UTF-8. Tokens are 64 bytes.
+pub const DEFAULT_MAX_IDENTIFIER_BYTES: usize = 400;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_ACCEPTED_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_ACCEPTED_MAX: u64 = 10_000;
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the proxy listener the app talks to.
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub query: QueryConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the TPNS access point (`https://`, or `http://` for local use).
+    pub url: String,
+    /// Shorthand for one of the four documented access points; exclusive with an explicit `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Region>,
+    /// Whole upstream exchange (connect, send, read the full answer).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest number of identifiers in one upstream sub-request.
+    pub max_batch: usize,
+    /// Upstream answers larger than this are refused (never cached).
+    pub max_response_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Region {
+    #[serde(alias = "gz")]
+    Guangzhou,
+    #[serde(alias = "sh")]
+    Shanghai,
+    #[serde(alias = "hk", alias = "hong_kong")]
+    Hongkong,
+    #[serde(alias = "sgp", alias = "sg")]
+    Singapore,
+}
+
+impl Region {
+    pub fn base_url(self) -> &'static str {
+        match self {
+            Region::Guangzhou => "https://api.tpns.tencent.com",
+            Region::Shanghai => "https://api.tpns.sh.tencent.com",
+            Region::Hongkong => "https://api.tpns.hk.tencent.com",
+            Region::Singapore => "https://api.tpns.sgp.tencent.com",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Lifetime of an answer whose element code is `"0"`.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Lifetime of a not-found (`"10110008"`) answer; `0s` turns negative caching off.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Memory budget of the cache (keys + raw JSON elements + bookkeeping), enforced by moka's weigher.
+    pub max_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryConfig {
+    /// Top-level `retCode` of a stitched answer where some, not all, elements have a non-`"0"` code.
+    pub partial_failure_ret_code: i64,
+    /// Top-level `retCode` of a stitched answer where every element has a non-`"0"` code.
+    pub all_failed_ret_code: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Query bodies larger than this are refused before being read whole.
+    pub max_body_bytes: ByteSize,
+    /// Most identifiers in one client query.
+    pub max_items: usize,
+    /// Longest identifier (account or token), in bytes of UTF-8.
+    pub max_identifier_bytes: usize,
+    /// A client must send its request headers within this time (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client must send a whole query body within this time.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// How long a credential the upstream accepted may be served from cache without asking again.
+    #[serde(with = "humantime_serde")]
+    pub accepted_ttl: Duration,
+    /// Most accepted credentials remembered (as keyed hashes).
+    pub accepted_max: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter directive (`RUST_LOG` syntax); `RUST_LOG` overrides it when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: parse_addr(DEFAULT_LISTEN),
+            admin_listen: parse_addr(DEFAULT_ADMIN_LISTEN),
+            upstream: UpstreamConfig {
+                url: DEFAULT_UPSTREAM_URL.to_owned(),
+                region: None,
+                timeout: DEFAULT_UPSTREAM_TIMEOUT,
+                connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+                max_batch: DEFAULT_UPSTREAM_MAX_BATCH,
+                max_response_bytes: ByteSize::b(DEFAULT_UPSTREAM_MAX_RESPONSE_BYTES),
+            },
+            cache: CacheConfig {
+                ttl: DEFAULT_CACHE_TTL,
+                negative_ttl: DEFAULT_CACHE_NEGATIVE_TTL,
+                max_bytes: ByteSize::b(DEFAULT_CACHE_MAX_BYTES),
+            },
+            query: QueryConfig {
+                partial_failure_ret_code: DEFAULT_PARTIAL_FAILURE_RET_CODE,
+                all_failed_ret_code: DEFAULT_ALL_FAILED_RET_CODE,
+            },
+            limits: LimitsConfig {
+                max_body_bytes: ByteSize::b(DEFAULT_MAX_BODY_BYTES),
+                max_items: DEFAULT_MAX_ITEMS,
+                max_identifier_bytes: DEFAULT_MAX_IDENTIFIER_BYTES,
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            },
+            auth: AuthConfig {
+                accepted_ttl: DEFAULT_ACCEPTED_TTL,
+                accepted_max: DEFAULT_ACCEPTED_MAX,
+            },
+            log: LogConfig {
+                level: DEFAULT_LOG_LEVEL.to_owned(),
+                format: LogFormat::Text,
+            },
+        }
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    // The defaults are literals checked by `defaults_are_valid`; no input reaches this.
+    s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// Why the configuration could not be loaded. Each message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Loads defaults < `file` (or the file named by `TPNS_CACHE_CONFIG`) < `TPNS_CACHE_*` env.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(ENV_CONFIG_FILE).map(PathBuf::from));
+        Self::from_figment(Self::figment(file.as_deref())?)
+    }
+
+    /// The layered providers, without the built-in defaults (so we can see what the user set).
+    fn user_layers(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        Ok(fig.merge(
+            Env::prefixed(ENV_PREFIX)
+                .ignore(&["config"])
+                .split("__"),
+        ))
+    }
+
+    pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let user = Self::user_layers(file)?;
+        if user.contains("upstream.url") && user.contains("upstream.region") {
+            return Err(ConfigError::Invalid(vec![
+                "upstream.url and upstream.region are both set; set only one".to_owned(),
+            ]));
+        }
+        Ok(Figment::from(Serialized::defaults(Config::default())).merge(user))
+    }
+
+    pub fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+        let mut config: Config = fig.extract().map_err(|e| {
+            let all: Vec<String> = e.into_iter().map(describe_figment_error).collect();
+            ConfigError::Parse(all.join("; "))
+        })?;
+        if let Some(region) = config.upstream.region {
+            config.upstream.url = region.base_url().to_owned();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(why) = crate::upstream::UpstreamBase::parse(&self.upstream.url) {
+            problems.push(format!("upstream.url: {why}"));
+        }
+        if self.upstream.timeout.is_zero() {
+            problems.push("upstream.timeout: must be greater than 0".to_owned());
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            problems.push("upstream.connect_timeout: must be greater than 0".to_owned());
+        }
+        if self.upstream.max_batch == 0 || self.upstream.max_batch > MAX_UPSTREAM_MAX_BATCH {
+            problems.push(format!(
+                "upstream.max_batch: must be between 1 and {MAX_UPSTREAM_MAX_BATCH}, got {}",
+                self.upstream.max_batch
+            ));
+        }
+        if self.upstream.max_response_bytes.as_u64() < 1024 {
+            problems.push("upstream.max_response_bytes: must be at least 1 KiB".to_owned());
+        }
+        if self.cache.ttl.is_zero() {
+            problems.push("cache.ttl: must be greater than 0".to_owned());
+        }
+        if self.cache.max_bytes.as_u64() < 1024 * 1024 {
+            problems.push("cache.max_bytes: must be at least 1 MiB".to_owned());
+        }
+        if self.cache.max_bytes.as_u64() > (1u64 << 46) {
+            problems.push("cache.max_bytes: must be at most 64 TiB".to_owned());
+        }
+        if self.limits.max_body_bytes.as_u64() < 64 {
+            problems.push("limits.max_body_bytes: must be at least 64 B".to_owned());
+        }
+        if self.limits.max_items == 0 {
+            problems.push("limits.max_items: must be at least 1".to_owned());
+        }
+        if self.limits.max_identifier_bytes == 0 {
+            problems.push("limits.max_identifier_bytes: must be at least 1".to_owned());
+        }
+        if self.limits.header_read_timeout.is_zero() {
+            problems.push("limits.header_read_timeout: must be greater than 0".to_owned());
+        }
+        if self.limits.body_read_timeout.is_zero() {
+            problems.push("limits.body_read_timeout: must be greater than 0".to_owned());
+        }
+        if self.auth.accepted_ttl.is_zero() {
+            problems.push("auth.accepted_ttl: must be greater than 0".to_owned());
+        }
+        if self.auth.accepted_max == 0 {
+            problems.push("auth.accepted_max: must be at least 1".to_owned());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!("log.level: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Figment's messages name the key in `path`; make sure every message leads with it.
+fn describe_figment_error(e: figment::Error) -> String {
+    let key = e.path.join(".");
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|m| m.name.to_string())
+        .unwrap_or_default();
+    let kind = e.kind.to_string();
+    match (key.is_empty(), source.is_empty()) {
+        (true, true) => kind,
+        (true, false) => format!("{kind} (in {source})"),
+        (false, true) => format!("{key}: {kind}"),
+        (false, false) => format!("{key}: {kind} (in {source})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        c.validate().expect("defaults validate");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    }
+
+    /// `config/tpns-cache.toml` lists every key (it parses without defaults) and equals them.
+    #[test]
+    fn shipped_toml_equals_builtin_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tpns-cache.toml");
+        let from_file: Config = Figment::from(Toml::file_exact(&path))
+            .extract()
+            .expect("shipped config parses on its own, with every key present");
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "listen = \"127.0.0.1:7000\"\n[cache]\nttl = \"45s\"\nnegative_ttl = \"3s\"\n",
+            )?;
+            jail.set_env("TPNS_CACHE_LISTEN", "127.0.0.1:7070");
+            jail.set_env("TPNS_CACHE_UPSTREAM__URL", "http://127.0.0.1:9000");
+            jail.set_env("TPNS_CACHE_CACHE__TTL", "30s");
+            jail.set_env("TPNS_CACHE_UPSTREAM__MAX_BATCH", "20");
+            let c = Config::load(Some(Path::new("c.toml"))).expect("loads");
+            assert_eq!(c.listen.to_string(), "127.0.0.1:7070");
+            assert_eq!(c.upstream.url, "http://127.0.0.1:9000");
+            assert_eq!(c.cache.ttl, Duration::from_secs(30));
+            assert_eq!(c.cache.negative_ttl, Duration::from_secs(3));
+            assert_eq!(c.upstream.max_batch, 20);
+            assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn config_file_from_env_variable() {
+        Jail::expect_with(|jail| {
+            jail.create_file("x.toml", "[upstream]\nmax_batch = 7\n")?;
+            jail.set_env(ENV_CONFIG_FILE, "x.toml");
+            let c = Config::load(None).expect("loads");
+            assert_eq!(c.upstream.max_batch, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[cache]\nttl = \"1s\"\nttl_secs = 5\n")?;
+            let err = Config::load(Some(Path::new("c.toml"))).expect_err("must fail");
+            let msg = err.to_string();
+            assert!(msg.contains("ttl_secs"), "{msg}");
+            assert!(msg.contains("cache"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TPNS_CACHE_UPSTREAM__URLL", "http://x");
+            let msg = Config::load(None).expect_err("must fail").to_string();
+            assert!(msg.contains("urll"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported_by_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[upstream]\nurl = \"ftp://x\"\nmax_batch = 0\n[cache]\nttl = \"0s\"\n",
+            )?;
+            let msg = Config::load(Some(Path::new("c.toml")))
+                .expect_err("must fail")
+                .to_string();
+            for key in ["upstream.url", "upstream.max_batch", "cache.ttl"] {
+                assert!(msg.contains(key), "{key} missing in {msg}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TPNS_CACHE_CACHE__TTL", "soon");
+            let msg = Config::load(None).expect_err("must fail").to_string();
+            assert!(msg.contains("cache.ttl"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn region_shorthand() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TPNS_CACHE_UPSTREAM__REGION", "hk");
+            let c = Config::load(None).expect("loads");
+            assert_eq!(c.upstream.url, "https://api.tpns.hk.tencent.com");
+            jail.set_env("TPNS_CACHE_UPSTREAM__URL", "http://127.0.0.1:1");
+            let msg = Config::load(None).expect_err("both set").to_string();
+            assert!(msg.contains("upstream.region"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/tpns.toml"))).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/tpns.toml"));
+    }
+}

@@ -1,0 +1,177 @@
+//! tpns-cache: a caching reverse-proxy sidecar for TPNS's account/token binding query.
+//!
+//! ```text
+//! client POST /v3/device/account/query {operator_type, account_list | token_list}
+//!   -> proxy::query   scope (Basic AccessID, accepted credential?), read + validate (api::query)
+//!   -> cache          one key per distinct identifier; moka lookup (hit | negative hit | miss)
+//!   -> upstream       misses only, in sub-requests of <= upstream.max_batch
+//!   -> api::query     check the upstream answer, match elements by value, cache per policy
+//!   -> api::query     stitch the documented response in request order; Cache-Status header
+//! every other path -> proxy::passthrough (streamed unchanged)
+//! admin listener   -> admin (/metrics, /healthz, /readyz)
+//! ```
+//!
+//! Modules: [`config`] (figment layers), [`api`] (wire types, codes, the one error mapping),
+//! [`cache`] (keys, entries, policy, moka), [`upstream`] (hyper + rustls client),
+//! [`proxy`] (routing, credentials, the query phases, pass-through), [`metrics`], [`admin`],
+//! [`server`] (accept loop), [`sim`] (the TPNS simulator) and [`demo`].
+
+pub mod admin;
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod sim;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+
+use crate::cache::{Clock, Policy, Store};
+use crate::config::Config;
+use crate::server::{serve, ServeOptions};
+
+/// The two listeners, bound by the caller (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin_listen` from the configuration.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let proxy = TcpListener::bind(config.listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {} (listen): {e}", config.listen))
+        })?;
+        let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (admin_listen): {e}", config.admin_listen),
+            )
+        })?;
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot set up the upstream client: {0}")]
+    Upstream(String),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot draw a random key: {0}")]
+    Random(String),
+}
+
+/// Installs rustls's `ring` provider as the process default, once. Only one provider is built
+/// in; doing it explicitly keeps start-up deterministic should another crate ever add one.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds the shared state for `config`.
+pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, RunError> {
+    install_crypto_provider();
+    let upstream = upstream::Upstream::new(&config.upstream).map_err(RunError::Upstream)?;
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::register(&registry)?;
+    let store = Store::new(
+        config.cache.max_bytes.as_u64(),
+        Policy {
+            ttl: config.cache.ttl,
+            negative_ttl: config.cache.negative_ttl,
+        },
+        clock,
+    );
+    let credentials = proxy::auth::Credentials::new(config.auth.accepted_ttl, config.auth.accepted_max)
+        .map_err(|e| RunError::Random(e.to_string()))?;
+    Ok(Arc::new(proxy::State {
+        upstream_id: Arc::from(config.upstream.url.as_str()),
+        upstream,
+        store,
+        credentials,
+        metrics,
+        registry,
+        config,
+    }))
+}
+
+/// Runs the proxy and admin listeners until `shutdown` resolves, then drains.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    run_with_clock(config, listeners, shutdown, Clock::default()).await
+}
+
+/// [`run`] with the cache on the given clock (tests advance it to expire entries).
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    clock: Clock,
+) -> Result<(), RunError> {
+    let opts = ServeOptions {
+        header_read_timeout: config.limits.header_read_timeout,
+        ..ServeOptions::default()
+    };
+    let state = build_state(config, clock)?;
+    let admin = Arc::new(admin::Admin {
+        registry: state.registry.clone(),
+        state: state.clone(),
+        ready: AtomicBool::new(false),
+    });
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = {
+        let admin = admin.clone();
+        tokio::spawn(serve(
+            "admin",
+            listeners.admin,
+            move |req| admin::handle(admin.clone(), req),
+            async {
+                let _ = admin_stop_rx.await;
+            },
+            opts,
+        ))
+    };
+    let proxy_addr = listeners
+        .proxy
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    tracing::info!(
+        listen = %proxy_addr,
+        upstream = %state.config.upstream.url,
+        "tpns-cache ready"
+    );
+    admin.ready.store(true, Ordering::Release);
+    let proxy_state = state.clone();
+    let shutdown = {
+        let admin = admin.clone();
+        async move {
+            shutdown.await;
+            admin.ready.store(false, Ordering::Release);
+            tracing::info!("shutting down: draining in-flight requests");
+        }
+    };
+    serve(
+        "proxy",
+        listeners.proxy,
+        move |req| proxy::handle(proxy_state.clone(), req),
+        shutdown,
+        opts,
+    )
+    .await;
+    let _ = admin_stop_tx.send(());
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}

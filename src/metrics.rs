@@ -1,0 +1,269 @@
+//! Prometheus metrics on a registry the program owns (no global default registry).
+//!
+//! Every label value comes from a fixed set (`as_str()` of an enum or a `&'static str` the code
+//! chooses), never from input, so cardinality is bounded.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Outcome of one distinct identifier's lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupOutcome {
+    Hit,
+    NegativeHit,
+    Miss,
+    /// Not looked up: the credential has not been accepted by the upstream recently.
+    Unverified,
+}
+
+impl LookupOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupOutcome::Hit => "hit",
+            LookupOutcome::NegativeHit => "negative_hit",
+            LookupOutcome::Miss => "miss",
+            LookupOutcome::Unverified => "unverified",
+        }
+    }
+}
+
+/// How a client request was served (the `cache` label of `tpns_cache_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Every identifier came from the cache: no upstream call.
+    Hit,
+    Partial,
+    Miss,
+    /// The credential was not yet verified: sent upstream whole.
+    Unverified,
+    /// Not cacheable (other path, or a query the proxy cannot scope): forwarded unchanged.
+    Bypass,
+    /// Refused by validation; nothing forwarded.
+    Invalid,
+    /// The upstream failed or refused the call as a whole.
+    UpstreamError,
+}
+
+impl RequestOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Hit => "hit",
+            RequestOutcome::Partial => "partial",
+            RequestOutcome::Miss => "miss",
+            RequestOutcome::Unverified => "unverified",
+            RequestOutcome::Bypass => "bypass",
+            RequestOutcome::Invalid => "invalid",
+            RequestOutcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// Result of one upstream call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// Answered with per-element results.
+    Ok,
+    /// Answered HTTP 200 with a whole-call failure code (auth, quota, …).
+    Refused,
+    /// Forwarded request answered (pass-through; any status).
+    Forwarded,
+    Unreachable,
+    Timeout,
+    HttpError,
+    Malformed,
+}
+
+impl UpstreamOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Ok => "ok",
+            UpstreamOutcome::Refused => "refused",
+            UpstreamOutcome::Forwarded => "forwarded",
+            UpstreamOutcome::Unreachable => "unreachable",
+            UpstreamOutcome::Timeout => "timeout",
+            UpstreamOutcome::HttpError => "http_error",
+            UpstreamOutcome::Malformed => "malformed",
+        }
+    }
+
+    pub fn of_error(e: &crate::api::error::ProxyError) -> UpstreamOutcome {
+        use crate::api::error::ProxyError as E;
+        match e {
+            E::UpstreamTimeout(_) => UpstreamOutcome::Timeout,
+            E::UpstreamStatus(_) => UpstreamOutcome::HttpError,
+            E::UpstreamMalformed(_) => UpstreamOutcome::Malformed,
+            E::UpstreamUnreachable(_)
+            | E::Unparseable(_)
+            | E::MissingParameter(_)
+            | E::InvalidParameter(_)
+            | E::BodyTooLarge { .. }
+            | E::ClientBody(_)
+            | E::ClientTimeout(_) => UpstreamOutcome::Unreachable,
+        }
+    }
+}
+
+/// Route label: the cached query, or anything forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Query,
+    Other,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Query => "query",
+            Route::Other => "other",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub lookups: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_calls: IntCounterVec,
+    pub upstream_identifiers: IntCounterVec,
+    pub upstream_duration: Histogram,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Metrics> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_lookups_total",
+                "Distinct identifiers looked up per query request, by operator type and outcome.",
+            ),
+            &["op", "outcome"],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_requests_total",
+                "Client requests by route and how the cache served them.",
+            ),
+            &["route", "cache"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tpns_cache_request_duration_seconds",
+                "Time from the request head to the response head, by route.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let upstream_calls = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_upstream_requests_total",
+                "Requests sent to the upstream, by route and outcome.",
+            ),
+            &["route", "outcome"],
+        )?;
+        let upstream_identifiers = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_upstream_identifiers_total",
+                "Identifiers sent to the upstream in query sub-requests, by operator type.",
+            ),
+            &["op"],
+        )?;
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tpns_cache_upstream_request_duration_seconds",
+                "Duration of upstream query sub-requests (whole answer read).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let cache_entries = IntGauge::new("tpns_cache_entries", "Entries in the in-process cache.")?;
+        let cache_bytes = IntGauge::new(
+            "tpns_cache_weighted_bytes",
+            "Weighted size of the in-process cache in bytes (bounded by cache.max_bytes).",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("tpns_cache_build_info", "Always 1; labels name the build."),
+            &["version"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_calls.clone()))?;
+        registry.register(Box::new(upstream_identifiers.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Metrics {
+            lookups,
+            requests,
+            request_duration,
+            upstream_calls,
+            upstream_identifiers,
+            upstream_duration,
+            cache_entries,
+            cache_bytes,
+            build_info,
+        })
+    }
+
+    pub fn lookup(&self, op: crate::api::query::Op, outcome: LookupOutcome, n: u64) {
+        if n > 0 {
+            self.lookups
+                .with_label_values(&[op.as_str(), outcome.as_str()])
+                .inc_by(n);
+        }
+    }
+
+    pub fn request(&self, route: Route, outcome: RequestOutcome, seconds: f64) {
+        self.requests
+            .with_label_values(&[route.as_str(), outcome.as_str()])
+            .inc();
+        self.request_duration
+            .with_label_values(&[route.as_str()])
+            .observe(seconds);
+    }
+
+    pub fn upstream(&self, route: Route, outcome: UpstreamOutcome) {
+        self.upstream_calls
+            .with_label_values(&[route.as_str(), outcome.as_str()])
+            .inc();
+    }
+}
+
+/// The text exposition of everything in `registry`.
+pub fn encode(registry: &Registry) -> Vec<u8> {
+    let mut buf = Vec::new();
+    // Encoding into a Vec only fails on invalid metric families, which `register` rejects.
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut buf) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_encodes() {
+        let r = Registry::new();
+        let m = Metrics::register(&r).unwrap();
+        m.lookup(crate::api::query::Op::TokenAccounts, LookupOutcome::Hit, 3);
+        m.request(Route::Query, RequestOutcome::Hit, 0.001);
+        let text = String::from_utf8(encode(&r)).unwrap();
+        assert!(text.contains(r#"tpns_cache_lookups_total{op="token_accounts",outcome="hit"} 3"#));
+        assert!(text.contains("tpns_cache_build_info"));
+    }
+}

@@ -1,0 +1,69 @@
+//! The proxy listener: routing, the shared state, and the response helpers.
+//!
+//! `POST /v3/device/account/query` goes through the cache ([`query`]); every other method and
+//! path is forwarded unchanged ([`passthrough`]).
+
+pub mod auth;
+pub mod passthrough;
+pub mod query;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::api::error::ProxyError;
+use crate::api::{ErrorShape, QUERY_PATH};
+use crate::cache::Store;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::upstream::{full, ProxyBody, Upstream};
+
+/// The `Cache-Status` header name (RFC 9211).
+pub const CACHE_STATUS: &str = "cache-status";
+/// Our cache's name in `Cache-Status`.
+pub const CACHE_NAME: &str = "tpns-cache";
+
+/// Everything a request handler needs; shared by all connections.
+#[derive(Debug)]
+pub struct State {
+    pub config: Config,
+    pub upstream: Upstream,
+    /// `upstream.url`, shared by every cache key.
+    pub upstream_id: Arc<str>,
+    pub store: Store,
+    pub credentials: auth::Credentials,
+    pub metrics: Metrics,
+    pub registry: prometheus::Registry,
+}
+
+/// Routes one request.
+pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.method() == Method::POST && req.uri().path() == QUERY_PATH {
+        query::handle(&state, req).await
+    } else {
+        passthrough::handle(&state, req).await
+    }
+}
+
+/// A JSON response.
+pub fn json_response(status: http::StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The TPNS-shaped answer for an error of ours.
+pub fn error_response(shape: ErrorShape, e: &ProxyError) -> Response<ProxyBody> {
+    json_response(e.status(), e.body(shape))
+}
+
+/// `Cache-Status: tpns-cache; <params>`.
+pub fn cache_status(params: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("{CACHE_NAME}; {params}"))
+        .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+}

@@ -1,0 +1,574 @@
+//! A TPNS simulator for the demo, the tests and the benchmarks: an in-memory binding store
+//! answering `/v3/device/account/query` (both operator types), `/v3/device/account/batchoperate`
+//! (ops 1–5, optionally applied after a delay, as TPNS applies them asynchronously) and
+//! `/v3/push/app` (accepted and counted), with Basic credential checks and injectable faults.
+//!
+//! Control endpoints: `GET /_sim/stats` (what it received), `POST /_sim/faults` (JSON
+//! [`Faults`]), `POST /_sim/reset` (zero the counters).
+//!
+//! Its answers follow the documented shapes: per-element `result` codes (`"0"`, `"10110008"`
+//! for a registered token or an account with no binding, `"1008006"` for a token never
+//! registered), elements only for identifiers with bindings, and the same top-level code policy
+//! as the proxy's defaults (0, or 1008026/1008027 when some/all elements failed).
+
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::api::query::{parse_request, top_level_code, ElementCode, Ident, Limits, Op};
+use crate::api::{code, error_body, ErrorShape, BATCHOPERATE_PATH, PUSH_APP_PATH, QUERY_PATH};
+use crate::proxy::json_response;
+use crate::server::{serve, ServeOptions};
+use crate::upstream::ProxyBody;
+use store::AppBindings;
+
+/// The demo app's credentials (the AccessID and key of the TPNS docs' worked example).
+pub const DEMO_ACCESS_ID: &str = "1500001048";
+pub const DEMO_SECRET_KEY: &str = "1452fcebae9f3115ba794fb0fff2fd73";
+/// Timestamp used for preloaded bindings (the seed's).
+const SEED_TIMESTAMP: i64 = 1_691_656_271;
+
+/// Faults to inject; shares are exact over consecutive calls (every 1/ratio-th call), not random.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Added before answering any TPNS path.
+    pub latency_ms: u64,
+    /// Share of calls answered HTTP 500 (`retCode` 1008004).
+    pub fail_ratio: f64,
+    /// Share of calls answered `retCode` 1008028 (frequency limit exceeded).
+    pub rate_limit_ratio: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// (AccessID, SecretKey) of every app it accepts.
+    pub apps: Vec<(String, String)>,
+    pub faults: Faults,
+    /// Delay before a `batchoperate` takes effect (0: at once).
+    pub apply_delay: Duration,
+    /// Generated bindings: token `tok-i` is bound to account `acct-(i mod accounts)`.
+    pub accounts: usize,
+    pub tokens: usize,
+    /// Load the seed document's example bindings.
+    pub seed_examples: bool,
+    pub partial_failure_ret_code: i64,
+    pub all_failed_ret_code: i64,
+    /// Longest list a query may carry.
+    pub max_items: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            apps: vec![(DEMO_ACCESS_ID.to_owned(), DEMO_SECRET_KEY.to_owned())],
+            faults: Faults::default(),
+            apply_delay: Duration::ZERO,
+            accounts: 0,
+            tokens: 0,
+            seed_examples: true,
+            partial_failure_ret_code: code::BATCH_PARTLY_FAILED,
+            all_failed_ret_code: code::BATCH_ALL_FAILED,
+            max_items: 1000,
+        }
+    }
+}
+
+/// Generated account and token names.
+pub fn account_name(i: usize) -> String {
+    format!("acct-{i:08}")
+}
+pub fn token_name(i: usize) -> String {
+    format!("tok-{i:08}")
+}
+
+/// What the simulator received.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests per path (unknown paths counted as `other`).
+    pub requests: BTreeMap<String, u64>,
+    /// Identifiers per path (query: list elements; batchoperate: tokens or accounts).
+    pub identifiers: BTreeMap<String, u64>,
+    /// The identifiers of the most recent queries, oldest first (at most 1000 queries).
+    pub recent_queries: VecDeque<Vec<String>>,
+}
+
+impl Stats {
+    pub fn requests(&self, path: &str) -> u64 {
+        self.requests.get(path).copied().unwrap_or(0)
+    }
+    pub fn identifiers(&self, path: &str) -> u64 {
+        self.identifiers.get(path).copied().unwrap_or(0)
+    }
+}
+
+const RECENT_QUERIES: usize = 1000;
+
+#[derive(Debug)]
+struct Inner {
+    config: SimConfig,
+    apps: HashMap<String, String>,
+    data: RwLock<HashMap<String, AppBindings>>,
+    faults: Mutex<Faults>,
+    stats: Mutex<Stats>,
+    calls: AtomicU64,
+}
+
+/// A running simulator's handle (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+impl Simulator {
+    pub fn new(config: SimConfig) -> Simulator {
+        let apps: HashMap<String, String> = config.apps.iter().cloned().collect();
+        let mut data: HashMap<String, AppBindings> = HashMap::new();
+        for app in apps.keys() {
+            let mut b = AppBindings::default();
+            if config.seed_examples {
+                load_seed(&mut b);
+            }
+            for i in 0..config.tokens {
+                let t = token_name(i);
+                b.register(&t);
+                if config.accounts > 0 {
+                    b.bind(&t, &account_name(i % config.accounts), 0, SEED_TIMESTAMP);
+                }
+            }
+            data.insert(app.clone(), b);
+        }
+        Simulator {
+            inner: Arc::new(Inner {
+                faults: Mutex::new(config.faults.clone()),
+                config,
+                apps,
+                data: RwLock::new(data),
+                stats: Mutex::new(Stats::default()),
+                calls: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let inner = self.inner.clone();
+        serve(
+            "simulator",
+            listener,
+            move |req| handle(inner.clone(), req),
+            shutdown,
+            ServeOptions {
+                drain_grace: Duration::from_secs(1),
+                ..ServeOptions::default()
+            },
+        )
+        .await;
+    }
+
+    pub fn stats(&self) -> Stats {
+        lock(&self.inner.stats).clone()
+    }
+
+    pub fn reset_stats(&self) {
+        *lock(&self.inner.stats) = Stats::default();
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.inner.faults) = faults;
+    }
+
+    /// Adds a binding directly (as a device SDK would, unseen by any proxy).
+    pub fn bind(&self, app: &str, token: &str, account: &str, account_type: i64) {
+        let mut data = self.inner.data.write().unwrap_or_else(|e| e.into_inner());
+        data.entry(app.to_owned())
+            .or_default()
+            .bind(token, account, account_type, SEED_TIMESTAMP);
+    }
+
+    /// Removes a binding directly.
+    pub fn unbind(&self, app: &str, token: &str, account: &str, account_type: i64) {
+        let mut data = self.inner.data.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = data.get_mut(app) {
+            b.unbind(token, account, account_type);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The seed document's examples, as one consistent set of bindings.
+fn load_seed(b: &mut AppBindings) {
+    for (token, account, t) in [
+        ("token1", "account1", 0),
+        ("token2", "account1", 0),
+        ("token2", "account2", 1),
+        ("token3", "account2", 1),
+        ("token1", "926@126.com", 0),
+        ("token1", "1527000000", 0),
+        ("token2", "926@163.com", 0),
+        ("token2", "1527000001", 0),
+    ] {
+        b.bind(token, account, t, SEED_TIMESTAMP);
+    }
+}
+
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/_sim/stats") => {
+            let stats = lock(&inner.stats).clone();
+            json_response(StatusCode::OK, serde_json::to_vec(&stats).unwrap_or_default())
+        }
+        (Method::POST, "/_sim/reset") => {
+            *lock(&inner.stats) = Stats::default();
+            json_response(StatusCode::OK, "{}")
+        }
+        (Method::POST, "/_sim/faults") => match read(req).await {
+            Some(body) => match serde_json::from_slice::<Faults>(&body) {
+                Ok(f) => {
+                    *lock(&inner.faults) = f;
+                    json_response(StatusCode::OK, "{}")
+                }
+                Err(e) => json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({ "error": e.to_string() }).to_string(),
+                ),
+            },
+            None => json_response(StatusCode::BAD_REQUEST, "{}"),
+        },
+        (Method::POST, QUERY_PATH | BATCHOPERATE_PATH | PUSH_APP_PATH) => {
+            tpns(inner, req, path).await
+        }
+        _ => {
+            count(&inner, "other", 0);
+            json_response(
+                StatusCode::NOT_FOUND,
+                error_body(ErrorShape::Snake, code::MISSING_PARAMETER, "no such API"),
+            )
+        }
+    }
+}
+
+async fn read(req: Request<Incoming>) -> Option<Bytes> {
+    Limited::new(req.into_body(), 16 * 1024 * 1024)
+        .collect()
+        .await
+        .ok()
+        .map(|c| c.to_bytes())
+}
+
+fn count(inner: &Inner, path: &str, identifiers: u64) {
+    let mut s = lock(&inner.stats);
+    *s.requests.entry(path.to_owned()).or_default() += 1;
+    *s.identifiers.entry(path.to_owned()).or_default() += identifiers;
+}
+
+/// Every `ratio`-th call, exactly: call n fires when ⌊(n+1)·r⌋ > ⌊n·r⌋.
+fn fires(n: u64, ratio: f64) -> bool {
+    if ratio <= 0.0 {
+        return false;
+    }
+    let r = ratio.min(1.0);
+    ((n + 1) as f64 * r).floor() > (n as f64 * r).floor()
+}
+
+async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Response<ProxyBody> {
+    let shape = ErrorShape::for_path(&path);
+    let reply = |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
+    let auth = req.headers().get(AUTHORIZATION).cloned();
+    let body = read(req).await;
+    let faults = lock(&inner.faults).clone();
+    let n = inner.calls.fetch_add(1, Ordering::Relaxed);
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    let Some(body) = body else {
+        count(&inner, &path, 0);
+        return reply(code::UNPARSEABLE);
+    };
+    let app = match auth.as_ref().and_then(|v| basic(v.as_bytes())) {
+        Some((id, secret)) => match inner.apps.get(&id) {
+            Some(s) if *s == secret => id,
+            Some(_) => {
+                count(&inner, &path, 0);
+                return reply(code::KEY_MISMATCH);
+            }
+            None => {
+                count(&inner, &path, 0);
+                return reply(code::AUTH_FAILED);
+            }
+        },
+        None => {
+            count(&inner, &path, 0);
+            return reply(code::AUTH_FAILED);
+        }
+    };
+    if fires(n, faults.fail_ratio) {
+        count(&inner, &path, 0);
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            error_body(shape, code::INTERNAL_CALL_FAILED, "simulated failure"),
+        );
+    }
+    if fires(n, faults.rate_limit_ratio) {
+        count(&inner, &path, 0);
+        return reply(code::RATE_LIMITED);
+    }
+    match path.as_str() {
+        QUERY_PATH => query(&inner, &app, &body),
+        BATCHOPERATE_PATH => batchoperate(&inner, &app, &body),
+        _ => {
+            count(&inner, &path, 0);
+            json_response(
+                StatusCode::OK,
+                json!({"ret_code": 0, "err_msg": "NO_ERROR", "seq": 0, "push_id": n.to_string()})
+                    .to_string(),
+            )
+        }
+    }
+}
+
+fn basic(v: &[u8]) -> Option<(String, String)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let rest = s.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
+    let req = match parse_request(
+        body,
+        &Limits {
+            max_items: inner.config.max_items,
+            max_identifier_bytes: crate::config::DEFAULT_MAX_IDENTIFIER_BYTES,
+        },
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            count(inner, QUERY_PATH, 0);
+            return json_response(
+                StatusCode::OK,
+                error_body(ErrorShape::Camel, e.ret_code(), &e.to_string()),
+            );
+        }
+    };
+    {
+        let mut s = lock(&inner.stats);
+        *s.requests.entry(QUERY_PATH.to_owned()).or_default() += 1;
+        *s.identifiers.entry(QUERY_PATH.to_owned()).or_default() += req.items.len() as u64;
+        if s.recent_queries.len() == RECENT_QUERIES {
+            s.recent_queries.pop_front();
+        }
+        s.recent_queries
+            .push_back(req.items.iter().map(|i| i.ident.name().to_owned()).collect());
+    }
+    let top_type: Option<i64> = req
+        .top_fields
+        .iter()
+        .find(|(k, _)| k == "account_type")
+        .and_then(|(_, v)| serde_json::from_str(v.get()).ok());
+    let data = inner.data.read().unwrap_or_else(|e| e.into_inner());
+    let empty = AppBindings::default();
+    let b = data.get(app).unwrap_or(&empty);
+    let mut codes: Vec<ElementCode> = Vec::with_capacity(req.items.len());
+    let mut elements: Vec<Value> = Vec::new();
+    for item in &req.items {
+        match &item.ident {
+            Ident::Account {
+                account,
+                account_type,
+                ..
+            } => {
+                let t = account_type.or(top_type).unwrap_or(0);
+                let tokens = b.tokens_of(account, t);
+                if tokens.is_empty() {
+                    codes.push(ElementCode::NotFound);
+                } else {
+                    codes.push(ElementCode::Ok);
+                    elements.push(json!({"account": &**account, "account_type": t, "token_list": tokens}));
+                }
+            }
+            Ident::Token(token) => {
+                let accounts = b.accounts_of(token);
+                if !accounts.is_empty() {
+                    codes.push(ElementCode::Ok);
+                    let list: Vec<Value> = accounts
+                        .iter()
+                        .map(|a| json!({"account": a.account, "account_type": a.account_type, "timestamp": a.timestamp}))
+                        .collect();
+                    elements.push(json!({"token": &**token, "account_list": list}));
+                } else if b.is_registered(token) {
+                    codes.push(ElementCode::NotFound);
+                } else {
+                    codes.push(ElementCode::Other(code::ELEMENT_INVALID_TOKEN.into()));
+                }
+            }
+        }
+    }
+    let ret = top_level_code(
+        codes.iter(),
+        inner.config.partial_failure_ret_code,
+        inner.config.all_failed_ret_code,
+    );
+    let result: Vec<&str> = codes.iter().map(ElementCode::as_str).collect();
+    let (at, ta) = match req.op {
+        Op::AccountTokens => (Value::Array(elements), Value::Null),
+        Op::TokenAccounts => (Value::Null, Value::Array(elements)),
+    };
+    json_response(
+        StatusCode::OK,
+        json!({"retCode": ret, "errMsg": code::message(ret), "result": result,
+               "account_tokens": at, "token_accounts": ta})
+        .to_string(),
+    )
+}
+
+/// One bind/unbind operation, resolved from the request.
+#[derive(Debug, Clone)]
+enum Change {
+    Overwrite(String, Vec<(String, i64)>),
+    Remove(String, Vec<(String, i64)>),
+    ClearToken(String),
+    ClearAccount(String, i64),
+}
+
+fn batchoperate(inner: &Arc<Inner>, app: &str, body: &[u8]) -> Response<ProxyBody> {
+    let bad = |ret: i64, msg: &str| {
+        count(inner, BATCHOPERATE_PATH, 0);
+        json_response(StatusCode::OK, error_body(ErrorShape::Snake, ret, msg))
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return bad(code::UNPARSEABLE, "request body cannot be parsed");
+    };
+    let Some(op) = v.get("operator_type").and_then(Value::as_i64) else {
+        return bad(code::MISSING_PARAMETER, "operator_type missing");
+    };
+    let top_type = v.get("account_type").and_then(Value::as_i64).unwrap_or(0);
+    let accounts_of = |list: Option<&Value>| -> Option<Vec<(String, i64)>> {
+        list?
+            .as_array()?
+            .iter()
+            .map(|a| {
+                Some((
+                    a.get("account")?.as_str()?.to_owned(),
+                    a.get("account_type").and_then(Value::as_i64).unwrap_or(top_type),
+                ))
+            })
+            .collect()
+    };
+    let mut changes = Vec::new();
+    match op {
+        1..=3 => {
+            let Some(list) = v.get("token_accounts").and_then(Value::as_array) else {
+                return bad(code::MISSING_PARAMETER, "token_accounts missing");
+            };
+            for ta in list {
+                let (Some(token), Some(accts)) = (
+                    ta.get("token").and_then(Value::as_str),
+                    accounts_of(ta.get("account_list")),
+                ) else {
+                    return bad(code::INVALID_PARAMETER, "token_accounts element invalid");
+                };
+                changes.push(if op == 3 {
+                    Change::Remove(token.to_owned(), accts)
+                } else {
+                    Change::Overwrite(token.to_owned(), accts)
+                });
+            }
+        }
+        4 => {
+            let Some(list) = v.get("token_list").and_then(Value::as_array) else {
+                return bad(code::MISSING_PARAMETER, "token_list missing");
+            };
+            for t in list {
+                let Some(t) = t.as_str() else {
+                    return bad(code::INVALID_PARAMETER, "token_list element invalid");
+                };
+                changes.push(Change::ClearToken(t.to_owned()));
+            }
+        }
+        5 => {
+            let Some(accts) = accounts_of(v.get("account_list")) else {
+                return bad(code::MISSING_PARAMETER, "account_list missing or invalid");
+            };
+            for (a, t) in accts {
+                changes.push(Change::ClearAccount(a, t));
+            }
+        }
+        _ => return bad(code::INVALID_PARAMETER, "operator_type must be 1 to 5"),
+    }
+    count(inner, BATCHOPERATE_PATH, changes.len() as u64);
+    let n = changes.len();
+    let delay = inner.config.apply_delay;
+    let apply = {
+        let inner = inner.clone();
+        let app = app.to_owned();
+        move || {
+            let mut data = inner.data.write().unwrap_or_else(|e| e.into_inner());
+            let b = data.entry(app).or_default();
+            for c in changes {
+                match c {
+                    Change::Overwrite(token, accts) => {
+                        b.clear_token(&token);
+                        for (a, t) in accts {
+                            b.bind(&token, &a, t, SEED_TIMESTAMP);
+                        }
+                    }
+                    Change::Remove(token, accts) => {
+                        for (a, t) in accts {
+                            b.unbind(&token, &a, t);
+                        }
+                    }
+                    Change::ClearToken(token) => b.clear_token(&token),
+                    Change::ClearAccount(a, t) => b.clear_account(&a, t),
+                }
+            }
+        }
+    };
+    if delay.is_zero() {
+        apply();
+    } else {
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            apply();
+        });
+    }
+    json_response(
+        StatusCode::OK,
+        json!({"ret_code": 0, "err_msg": "NO_ERROR", "result": vec!["0"; n]}).to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_shares_are_exact() {
+        let fired = (0..1000).filter(|&n| fires(n, 0.25)).count();
+        assert_eq!(fired, 250);
+        assert_eq!((0..10).filter(|&n| fires(n, 1.0)).count(), 10);
+        assert_eq!((0..10).filter(|&n| fires(n, 0.0)).count(), 0);
+    }
+}
