@@ -240,11 +240,7 @@ impl Config {
             }
             fig = fig.merge(Toml::file_exact(path));
         }
-        Ok(fig.merge(
-            Env::prefixed(ENV_PREFIX)
-                .ignore(&["config"])
-                .split("__"),
-        ))
+        Ok(fig.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__")))
     }
 
     pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
@@ -349,6 +345,8 @@ fn describe_figment_error(e: figment::Error) -> String {
 }
 
 #[cfg(test)]
+// figment's Jail closures return its (large) error type by design.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -74,7 +74,8 @@ pub fn instructions(proxy: SocketAddr, admin: SocketAddr, sim: SocketAddr) -> St
     };
     let first = r#"{"operator_type":1,"account_list":[{"account":"account1"},{"account":"account2","account_type":1}]}"#;
     let partial = r#"{"operator_type":1,"account_list":[{"account":"account1"},{"account":"account2","account_type":1},{"account":"acct-00000042"}]}"#;
-    let tokens = r#"{"operator_type":2,"token_list":["token1","token2","tok-00000007","no-such-token"]}"#;
+    let tokens =
+        r#"{"operator_type":2,"token_list":["token1","token2","tok-00000007","no-such-token"]}"#;
     format!(
         "tpns-cache demo is running.
   proxy      http://{proxy}   (point your app's TPNS base URL here)

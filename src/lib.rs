@@ -49,12 +49,18 @@ impl Listeners {
     /// Binds `listen` and `admin_listen` from the configuration.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
         let proxy = TcpListener::bind(config.listen).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {} (listen): {e}", config.listen))
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} (listen): {e}", config.listen),
+            )
         })?;
         let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
             std::io::Error::new(
                 e.kind(),
-                format!("cannot listen on {} (admin_listen): {e}", config.admin_listen),
+                format!(
+                    "cannot listen on {} (admin_listen): {e}",
+                    config.admin_listen
+                ),
             )
         })?;
         Ok(Listeners { proxy, admin })
@@ -91,8 +97,9 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         },
         clock,
     );
-    let credentials = proxy::auth::Credentials::new(config.auth.accepted_ttl, config.auth.accepted_max)
-        .map_err(|e| RunError::Random(e.to_string()))?;
+    let credentials =
+        proxy::auth::Credentials::new(config.auth.accepted_ttl, config.auth.accepted_max)
+            .map_err(|e| RunError::Random(e.to_string()))?;
     Ok(Arc::new(proxy::State {
         upstream_id: Arc::from(config.upstream.url.as_str()),
         upstream,

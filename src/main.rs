@@ -144,7 +144,10 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
     if apps.is_empty() {
         apps.push((DEMO_ACCESS_ID.to_owned(), DEMO_SECRET_KEY.to_owned()));
     }
-    for (name, r) in [("--fail-ratio", args.fail_ratio), ("--rate-limit-ratio", args.rate_limit_ratio)] {
+    for (name, r) in [
+        ("--fail-ratio", args.fail_ratio),
+        ("--rate-limit-ratio", args.rate_limit_ratio),
+    ] {
         if !(0.0..=1.0).contains(&r) {
             eprintln!("tpns-cache: {name} must be between 0 and 1, got {r}");
             return ExitCode::from(2);

@@ -184,7 +184,8 @@ impl Metrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
-        let cache_entries = IntGauge::new("tpns_cache_entries", "Entries in the in-process cache.")?;
+        let cache_entries =
+            IntGauge::new("tpns_cache_entries", "Entries in the in-process cache.")?;
         let cache_bytes = IntGauge::new(
             "tpns_cache_weighted_bytes",
             "Weighted size of the in-process cache in bytes (bounded by cache.max_bytes).",

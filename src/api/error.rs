@@ -137,7 +137,11 @@ mod tests {
     }
     #[test]
     fn client_timeout() {
-        check(ProxyError::ClientTimeout(Duration::from_secs(30)), 408, 1_008_001);
+        check(
+            ProxyError::ClientTimeout(Duration::from_secs(30)),
+            408,
+            1_008_001,
+        );
     }
     #[test]
     fn upstream_unreachable() {

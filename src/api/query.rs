@@ -123,8 +123,8 @@ fn invalid(msg: impl Into<String>) -> ProxyError {
 
 /// A JSON integer (no fraction, no exponent) that fits in an i64.
 fn parse_int(raw: &RawValue, field: &str) -> Result<i64, ProxyError> {
-    let v: serde_json::Value = serde_json::from_str(raw.get())
-        .map_err(|e| ProxyError::Unparseable(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(raw.get()).map_err(|e| ProxyError::Unparseable(e.to_string()))?;
     match v {
         serde_json::Value::Number(n) => n
             .as_i64()
@@ -159,7 +159,9 @@ fn check_identifier(s: &str, what: &str, pos: usize, limits: &Limits) -> Result<
         )));
     }
     if s.chars().any(char::is_control) {
-        return Err(invalid(format!("{what}[{pos}] contains control characters")));
+        return Err(invalid(format!(
+            "{what}[{pos}] contains control characters"
+        )));
     }
     Ok(())
 }
@@ -188,7 +190,11 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Proxy
     let op = match parse_int(op_raw, "operator_type")? {
         1 => Op::AccountTokens,
         2 => Op::TokenAccounts,
-        other => return Err(invalid(format!("operator_type must be 1 or 2, got {other}"))),
+        other => {
+            return Err(invalid(format!(
+                "operator_type must be 1 or 2, got {other}"
+            )))
+        }
     };
     if let Some(t) = obj.get("account_type") {
         account_type_of(t, "account_type")?;
@@ -268,12 +274,11 @@ fn parse_account_element(raw: &RawValue, pos: usize, limits: &Limits) -> Result<
         .get("account_type")
         .map(|t| account_type_of(t, &format!("account_list[{pos}].account_type")))
         .transpose()?;
-    let others: Vec<(&str, &RawValue)> = el
-        .0
-        .iter()
-        .filter(|(k, _)| k != "account" && k != "account_type")
-        .map(|(k, v)| (k.as_str(), v.as_ref()))
-        .collect();
+    let others: Vec<(&str, &RawValue)> =
+        el.0.iter()
+            .filter(|(k, _)| k != "account" && k != "account_type")
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
     let extra = if others.is_empty() {
         None
     } else {
@@ -338,7 +343,9 @@ impl ElementCode {
             // Codes are short decimal numbers; anything else is not a TPNS answer.
             _ if !s.is_empty()
                 && s.len() <= 16
-                && s.trim_start_matches('-').bytes().all(|b| b.is_ascii_digit()) =>
+                && s.trim_start_matches('-')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit()) =>
             {
                 Some(ElementCode::Other(s.into()))
             }
@@ -454,9 +461,12 @@ pub fn parse_upstream_answer(
                 .map(|t| t.token)
                 .map_err(|_| malformed("a token_accounts element has no `token`".into()))?,
         };
-        let i = *index
-            .get(name.as_ref())
-            .ok_or_else(|| malformed(format!("an element answers an identifier never asked ({} bytes)", name.len())))?;
+        let i = *index.get(name.as_ref()).ok_or_else(|| {
+            malformed(format!(
+                "an element answers an identifier never asked ({} bytes)",
+                name.len()
+            ))
+        })?;
         if matched[i].is_some() {
             return Err(malformed("two elements answer one identifier".to_owned()));
         }
@@ -585,9 +595,14 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_kept_and_keyed() {
-        let r = parse(r#"{"operator_type":1,"zz":{"b":1,"a":2},"account_list":[{"account":"x","k":1}]}"#).unwrap();
+        let r = parse(
+            r#"{"operator_type":1,"zz":{"b":1,"a":2},"account_list":[{"account":"x","k":1}]}"#,
+        )
+        .unwrap();
         assert_eq!(r.top_scope.as_deref(), Some(r#"{"zz":{"a":2,"b":1}}"#));
-        assert!(matches!(&r.items[0].ident, Ident::Account { extra: Some(e), .. } if &**e == r#"{"k":1}"#));
+        assert!(
+            matches!(&r.items[0].ident, Ident::Account { extra: Some(e), .. } if &**e == r#"{"k":1}"#)
+        );
         let body = build_upstream_body(&r, r.items.iter().map(|i| i.raw.as_ref()));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
@@ -602,34 +617,85 @@ mod tests {
         assert_eq!(ret("[1,2]"), 1_008_001);
         assert_eq!(ret(r#"{"operator_type":1"#), 1_008_001);
         assert_eq!(ret(r#"{"account_list":[{"account":"a"}]}"#), 1_008_002);
-        assert_eq!(ret(r#"{"operator_type":null,"token_list":["a"]}"#), 1_008_002);
+        assert_eq!(
+            ret(r#"{"operator_type":null,"token_list":["a"]}"#),
+            1_008_002
+        );
         assert_eq!(ret(r#"{"operator_type":1}"#), 1_008_002);
         assert_eq!(ret(r#"{"operator_type":1,"token_list":["a"]}"#), 1_008_002);
         assert_eq!(ret(r#"{"operator_type":2,"token_list":null}"#), 1_008_002);
-        assert_eq!(ret(r#"{"operator_type":"1","token_list":["a"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1.5,"token_list":["a"]}"#), 1_008_007);
+        assert_eq!(
+            ret(r#"{"operator_type":"1","token_list":["a"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1.5,"token_list":["a"]}"#),
+            1_008_007
+        );
         assert_eq!(ret(r#"{"operator_type":-1,"token_list":["a"]}"#), 1_008_007);
         assert_eq!(ret(r#"{"operator_type":3,"token_list":["a"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1e400,"token_list":["a"]}"#), 1_008_001);
+        assert_eq!(
+            ret(r#"{"operator_type":1e400,"token_list":["a"]}"#),
+            1_008_001
+        );
         assert_eq!(ret(r#"{"operator_type":2,"token_list":[]}"#), 1_008_007);
         assert_eq!(ret(r#"{"operator_type":2,"token_list":"a"}"#), 1_008_007);
         assert_eq!(ret(r#"{"operator_type":2,"token_list":[1]}"#), 1_008_007);
         assert_eq!(ret(r#"{"operator_type":2,"token_list":[""]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":2,"token_list":["a\u0000b"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":2,"token_list":["0123456789abcdefX"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":2,"token_list":["a","b","c","d","e","f"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"account_list":["a"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"account_list":[{"account":7}]}"#), 1_008_007);
+        assert_eq!(
+            ret(r#"{"operator_type":2,"token_list":["a\u0000b"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":2,"token_list":["0123456789abcdefX"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":2,"token_list":["a","b","c","d","e","f"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_list":["a"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_list":[{"account":7}]}"#),
+            1_008_007
+        );
         assert_eq!(ret(r#"{"operator_type":1,"account_list":[{}]}"#), 1_008_002);
-        assert_eq!(ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":"0"}]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":null}]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":-2}]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"account_type":"x","account_list":[{"account":"a"}]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"operator_type":2,"token_list":["a"]}"#), 1_008_007);
-        assert_eq!(ret(r#"{"operator_type":1,"account_list":[{"account":"a","account":"b"}]}"#), 1_008_007);
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":"0"}]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":null}]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":-2}]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_type":"x","account_list":[{"account":"a"}]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"operator_type":2,"token_list":["a"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            ret(r#"{"operator_type":1,"account_list":[{"account":"a","account":"b"}]}"#),
+            1_008_007
+        );
         // Multibyte characters count in bytes: 6 × 3 bytes > 16.
-        assert_eq!(ret(r#"{"operator_type":2,"token_list":["令牌令牌令牌"]}"#), 1_008_007);
-        assert_eq!(parse_request(b"\xff\xfe", &LIMITS).unwrap_err().ret_code(), 1_008_001);
+        assert_eq!(
+            ret(r#"{"operator_type":2,"token_list":["令牌令牌令牌"]}"#),
+            1_008_007
+        );
+        assert_eq!(
+            parse_request(b"\xff\xfe", &LIMITS).unwrap_err().ret_code(),
+            1_008_001
+        );
     }
 
     fn ids(names: &[&str]) -> Vec<Ident> {
@@ -666,7 +732,9 @@ mod tests {
         let body = br#"{"retCode":1008003,"errMsg":"auth"}"#;
         assert!(matches!(
             parse_upstream_answer(Op::TokenAccounts, &refs, body, &[0]),
-            Ok(UpstreamAnswer::Failed { ret_code: 1_008_003 })
+            Ok(UpstreamAnswer::Failed {
+                ret_code: 1_008_003
+            })
         ));
     }
 
@@ -678,7 +746,8 @@ mod tests {
             r#"{"retCode":0,"result":["0"]}"#.to_owned(),
             r#"{"retCode":0}"#.to_owned(),
             r#"{"retCode":0,"result":["0","0"],"token_accounts":[{"token":"zz"}]}"#.to_owned(),
-            r#"{"retCode":0,"result":["0","0"],"token_accounts":[{"token":"t1"},{"token":"t1"}]}"#.to_owned(),
+            r#"{"retCode":0,"result":["0","0"],"token_accounts":[{"token":"t1"},{"token":"t1"}]}"#
+                .to_owned(),
             r#"{"retCode":0,"result":["0","0"],"token_accounts":[{"nope":"t1"}]}"#.to_owned(),
             r#"{"retCode":0,"result":[0,0]}"#.to_owned(),
             r#"{"retCode":0,"result":["0","<b>"]}"#.to_owned(),
@@ -688,8 +757,8 @@ mod tests {
             "<html>".to_owned(),
         ];
         for b in bad {
-            let e = parse_upstream_answer(Op::TokenAccounts, &refs, b.as_bytes(), &[0])
-                .expect_err(&b);
+            let e =
+                parse_upstream_answer(Op::TokenAccounts, &refs, b.as_bytes(), &[0]).expect_err(&b);
             assert_eq!(e.ret_code(), 1_008_004, "{b}");
         }
     }
@@ -698,7 +767,9 @@ mod tests {
     fn stitch_documented_shape() {
         let a = Answer {
             code: ElementCode::Ok,
-            element: Some(RawValue::from_string(r#"{"account":"a","token_list":["t"]}"#.into()).unwrap()),
+            element: Some(
+                RawValue::from_string(r#"{"account":"a","token_list":["t"]}"#.into()).unwrap(),
+            ),
         };
         let nf = Answer {
             code: ElementCode::NotFound,

@@ -79,8 +79,16 @@ mod tests {
     fn canonical_ignores_order_and_whitespace() {
         let a: RawObject = serde_json::from_str(r#"{"y": {"q":1, "p":2}, "x": 1}"#).unwrap();
         let b: RawObject = serde_json::from_str(r#"{"x":1,"y":{"p":2,"q":1}}"#).unwrap();
-        let ca = canonical(&a.0.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect::<Vec<_>>());
-        let cb = canonical(&b.0.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect::<Vec<_>>());
+        let ca = canonical(
+            &a.0.iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .collect::<Vec<_>>(),
+        );
+        let cb = canonical(
+            &b.0.iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .collect::<Vec<_>>(),
+        );
         assert_eq!(ca.unwrap(), cb.unwrap());
     }
 }

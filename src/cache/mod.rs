@@ -220,7 +220,9 @@ mod tests {
     fn ok() -> Answer {
         Answer {
             code: ElementCode::Ok,
-            element: Some(RawValue::from_string(r#"{"token":"t","account_list":[]}"#.into()).unwrap()),
+            element: Some(
+                RawValue::from_string(r#"{"token":"t","account_list":[]}"#.into()).unwrap(),
+            ),
         }
     }
 
@@ -248,7 +250,10 @@ mod tests {
         s.put(key("a", "t1"), ok()).await;
         s.put(key("a", "t2"), not_found()).await;
         assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Hit(_)));
-        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::NegativeHit(_)));
+        assert!(matches!(
+            s.get(&key("a", "t2")).await,
+            Lookup::NegativeHit(_)
+        ));
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Hit(_)));
         assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));

@@ -144,10 +144,13 @@ fn upstream_headers(client: &HeaderMap) -> HeaderMap {
     }
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(ACCEPT, HeaderValue::from_static("application/json"));
-    let ua = client.get(USER_AGENT).cloned().unwrap_or(HeaderValue::from_static(concat!(
-        "tpns-cache/",
-        env!("CARGO_PKG_VERSION")
-    )));
+    let ua = client
+        .get(USER_AGENT)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(concat!(
+            "tpns-cache/",
+            env!("CARGO_PKG_VERSION")
+        )));
     h.insert(USER_AGENT, ua);
     h
 }
@@ -168,7 +171,9 @@ struct Served {
 
 enum Failure {
     /// The upstream refused the call as a whole (HTTP 200, non-batch `retCode`): its body.
-    Refused { body: Bytes },
+    Refused {
+        body: Bytes,
+    },
     Proxy(ProxyError),
 }
 

@@ -234,7 +234,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<ProxyBody
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/_sim/stats") => {
             let stats = lock(&inner.stats).clone();
-            json_response(StatusCode::OK, serde_json::to_vec(&stats).unwrap_or_default())
+            json_response(
+                StatusCode::OK,
+                serde_json::to_vec(&stats).unwrap_or_default(),
+            )
         }
         (Method::POST, "/_sim/reset") => {
             *lock(&inner.stats) = Stats::default();
@@ -291,7 +294,8 @@ fn fires(n: u64, ratio: f64) -> bool {
 
 async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Response<ProxyBody> {
     let shape = ErrorShape::for_path(&path);
-    let reply = |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
+    let reply =
+        |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
     let auth = req.headers().get(AUTHORIZATION).cloned();
     let body = read(req).await;
     let faults = lock(&inner.faults).clone();
@@ -380,8 +384,12 @@ fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
         if s.recent_queries.len() == RECENT_QUERIES {
             s.recent_queries.pop_front();
         }
-        s.recent_queries
-            .push_back(req.items.iter().map(|i| i.ident.name().to_owned()).collect());
+        s.recent_queries.push_back(
+            req.items
+                .iter()
+                .map(|i| i.ident.name().to_owned())
+                .collect(),
+        );
     }
     let top_type: Option<i64> = req
         .top_fields
@@ -406,7 +414,9 @@ fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
                     codes.push(ElementCode::NotFound);
                 } else {
                     codes.push(ElementCode::Ok);
-                    elements.push(json!({"account": &**account, "account_type": t, "token_list": tokens}));
+                    elements.push(
+                        json!({"account": &**account, "account_type": t, "token_list": tokens}),
+                    );
                 }
             }
             Ident::Token(token) => {
@@ -472,7 +482,9 @@ fn batchoperate(inner: &Arc<Inner>, app: &str, body: &[u8]) -> Response<ProxyBod
             .map(|a| {
                 Some((
                     a.get("account")?.as_str()?.to_owned(),
-                    a.get("account_type").and_then(Value::as_i64).unwrap_or(top_type),
+                    a.get("account_type")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(top_type),
                 ))
             })
             .collect()

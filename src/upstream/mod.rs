@@ -38,7 +38,10 @@ pub struct UpstreamBase {
 impl UpstreamBase {
     pub fn parse(url: &str) -> Result<UpstreamBase, String> {
         let uri: Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
-        let scheme = uri.scheme().cloned().ok_or("missing scheme (http:// or https://)")?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("missing scheme (http:// or https://)")?;
         if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
             return Err(format!("scheme must be http or https, got {scheme}"));
         }

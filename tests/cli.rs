@@ -1,0 +1,137 @@
+//! The real binary: help texts, configuration errors (exit code 2), and a serve/SIGTERM cycle.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tpns-cache");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("TPNS_CACHE_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_for_every_subcommand() {
+    for (args, needle) in [
+        (vec!["--help"], "serve"),
+        (vec!["serve", "--help"], "Run the proxy"),
+        (vec!["demo", "--help"], "simulator"),
+        (vec!["simulate", "--help"], "--fail-ratio"),
+    ] {
+        let (code, out, _) = run(&args, &[]);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains(needle), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn invalid_env_value_exits_2_naming_the_key() {
+    let (code, _, err) = run(&["serve"], &[("TPNS_CACHE_CACHE__TTL", "soon")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cache.ttl"), "{err}");
+}
+
+#[test]
+fn unknown_key_in_file_exits_2_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("tpns-cache-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[upstream]\nmax_batchh = 3\n").unwrap();
+    let (code, _, err) = run(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("max_batchh"), "{err}");
+    let (code, _, err) = run(&["serve"], &[("TPNS_CACHE_CONFIG", file.to_str().unwrap())]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(&["--config", "/nonexistent.toml"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent.toml"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn invalid_values_are_all_reported() {
+    let (code, _, err) = run(
+        &["serve"],
+        &[
+            ("TPNS_CACHE_UPSTREAM__MAX_BATCH", "0"),
+            ("TPNS_CACHE_UPSTREAM__URL", "ftp://nowhere"),
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("upstream.max_batch") && err.contains("upstream.url"),
+        "{err}"
+    );
+}
+
+/// Starts `serve` on ephemeral ports, reads the bound address from its log, checks it answers,
+/// then sends SIGTERM and expects a clean exit.
+#[test]
+fn serve_answers_and_exits_0_on_sigterm() {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env_remove("TPNS_CACHE_CONFIG")
+        .env("TPNS_CACHE_LISTEN", "127.0.0.1:0")
+        .env("TPNS_CACHE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("TPNS_CACHE_UPSTREAM__URL", "http://127.0.0.1:9")
+        .env("TPNS_CACHE_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut addr = None;
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        if line.contains("tpns-cache ready") {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+            addr = v["fields"]["listen"].as_str().map(str::to_owned);
+            break;
+        }
+    }
+    let addr = addr.expect("ready line with the listen address");
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"operator_type":2}"#;
+    write!(
+        s,
+        "POST /v3/device/account/query HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YTpi\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("1008002"), "{resp}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert_eq!(st.code(), Some(0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
