@@ -64,6 +64,14 @@ pub async fn run(
     Ok(result?)
 }
 
+/// The demo's example queries: the seed's first example (a miss, then a hit) ...
+pub const DEMO_FIRST: &str = r#"{"operator_type":1,"account_list":[{"account":"account1"},{"account":"account2","account_type":1}]}"#;
+/// ... the same two accounts and a new one (a partial hit) ...
+pub const DEMO_PARTIAL: &str = r#"{"operator_type":1,"account_list":[{"account":"account1"},{"account":"account2","account_type":1},{"account":"acct-00000042"}]}"#;
+/// ... and the other direction, with an unregistered token.
+pub const DEMO_TOKENS_QUERY: &str =
+    r#"{"operator_type":2,"token_list":["token1","token2","tok-00000007","no-such-token"]}"#;
+
 /// The text the demo prints.
 pub fn instructions(proxy: SocketAddr, admin: SocketAddr, sim: SocketAddr) -> String {
     let q = |body: &str| {

@@ -626,3 +626,106 @@ async fn unknown_request_fields_are_forwarded_and_keyed() {
     );
     assert_eq!(h.upstream_queries(), 2);
 }
+
+/// The demo's printed commands show what they promise: a miss, a hit, then a partial hit.
+#[tokio::test]
+async fn the_demo_queries_show_miss_hit_partial() {
+    use tpns_cache::demo::{DEMO_FIRST, DEMO_PARTIAL, DEMO_TOKENS_QUERY};
+    let h = Harness::with(
+        tpns_cache::sim::SimConfig {
+            accounts: tpns_cache::demo::DEMO_ACCOUNTS,
+            tokens: tpns_cache::demo::DEMO_TOKENS,
+            ..tpns_cache::sim::SimConfig::default()
+        },
+        |_| {},
+    )
+    .await;
+    let r = h.query(DEMO_FIRST).await;
+    assert!(
+        r.cache_status().contains("fwd=request"),
+        "{}",
+        r.cache_status()
+    );
+    assert_eq!(r.json()["result"], json!(["0", "0"]));
+    let r = h.query(DEMO_FIRST).await;
+    assert!(r.cache_status().contains("; hit;"), "{}", r.cache_status());
+    let r = h.query(DEMO_PARTIAL).await;
+    assert!(
+        r.cache_status()
+            .contains(r#"fwd=partial; detail="hit 2/3""#),
+        "{}",
+        r.cache_status()
+    );
+    assert_eq!(r.json()["result"], json!(["0", "0", "0"]));
+    let r = h.query(DEMO_TOKENS_QUERY).await;
+    assert_eq!(r.json()["result"], json!(["0", "0", "0", "1008006"]));
+    let text = tpns_cache::demo::instructions(h.proxy, h.admin, h.sim_addr);
+    for q in [DEMO_FIRST, DEMO_PARTIAL, DEMO_TOKENS_QUERY] {
+        assert!(text.contains(q));
+    }
+}
+
+async fn raw_exchange(addr: std::net::SocketAddr, head: &str, chunks: &[&[u8]]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    for c in chunks {
+        // The proxy may stop reading (and answer) before everything is written.
+        if s.write_all(c).await.is_err() {
+            break;
+        }
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf))
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn basic_header() -> String {
+    auth_headers(Some(APP))
+        .into_iter()
+        .find(|(k, _)| *k == "authorization")
+        .unwrap()
+        .1
+}
+
+#[tokio::test]
+async fn a_chunked_body_is_cut_off_at_the_limit_without_reading_it_whole() {
+    let h = Harness::with(sim_config(), |c| {
+        c.limits.max_body_bytes = bytesize::ByteSize::b(1024);
+    })
+    .await;
+    let head = format!(
+        "POST {QUERY} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        basic_header()
+    );
+    let chunk = format!("200\r\n{}\r\n", "a".repeat(0x200));
+    // Three 512-byte chunks and never the final one: only the limit can end this request.
+    let resp = raw_exchange(
+        h.proxy,
+        &head,
+        &[chunk.as_bytes(), chunk.as_bytes(), chunk.as_bytes()],
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(resp.contains("1008007"), "{resp}");
+    assert_eq!(h.upstream_queries(), 0);
+}
+
+#[tokio::test]
+async fn a_body_that_never_completes_times_out_with_408() {
+    let h = Harness::with(sim_config(), |c| {
+        c.limits.body_read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let head = format!(
+        "POST {QUERY} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: 100\r\n\r\n",
+        basic_header()
+    );
+    let resp = raw_exchange(h.proxy, &head, &[b"{\"operator_type\":"]).await;
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("1008001"), "{resp}");
+    assert_eq!(h.upstream_queries(), 0);
+}
