@@ -42,6 +42,10 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Proxy
                 .set(i64::try_from(store.entry_count()).unwrap_or(i64::MAX));
             m.cache_bytes
                 .set(i64::try_from(store.weighted_bytes()).unwrap_or(i64::MAX));
+            let fetcher = &admin.state.fetcher;
+            m.inflight_fetches
+                .set(i64::try_from(fetcher.inflight_count()).unwrap_or(i64::MAX));
+            m.breaker_state.set(fetcher.breaker.state().as_gauge());
             let mut r = Response::new(full(crate::metrics::encode(&admin.registry)));
             r.headers_mut().insert(
                 CONTENT_TYPE,

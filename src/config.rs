@@ -31,6 +31,19 @@ pub const DEFAULT_UPSTREAM_MAX_RESPONSE_BYTES: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(30);
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
+pub const DEFAULT_TTL_JITTER: f64 = 0.1;
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+/// TPNS publishes no QPS for the account APIs; set this to your quota.
+pub const DEFAULT_CALLS_PER_SECOND: u32 = 100;
+pub const DEFAULT_BURST: u32 = 20;
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(500);
+pub const DEFAULT_MAX_QUEUE: usize = 1024;
+pub const DEFAULT_RATE_LIMITED_COOLDOWN: Duration = Duration::from_secs(5);
+pub const DEFAULT_RETRY_BUDGET_RATIO: f64 = 0.1;
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(10);
 pub const DEFAULT_PARTIAL_FAILURE_RET_CODE: i64 = 1_008_026;
 pub const DEFAULT_ALL_FAILED_RET_CODE: i64 = 1_008_027;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
@@ -53,6 +66,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub query: QueryConfig,
+    pub shield: ShieldConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     pub log: LogConfig,
@@ -112,6 +126,51 @@ pub struct CacheConfig {
     pub negative_ttl: Duration,
     /// Memory budget of the cache (keys + raw JSON elements + bookkeeping), enforced by moka's weigher.
     pub max_bytes: ByteSize,
+    /// After an entry's lifetime, it is still served for this long while one background fetch
+    /// refreshes it (stale-while-revalidate). `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// After an entry's lifetime, it is still served for this long when the upstream fails,
+    /// times out, is rate-limited or the breaker is open (stale-if-error). `0s` turns it off.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// Each lifetime is shortened by a random share of up to this fraction (0.0–0.5), so entries
+    /// written together do not expire together.
+    pub ttl_jitter: f64,
+}
+
+/// The upstream shield: coalescing, micro-batching, quota limiter, retries and breaker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShieldConfig {
+    /// How long misses of concurrent requests (same app, credential, operator_type and top-level
+    /// fields) are gathered into one upstream call; `0s` turns micro-batching off.
+    #[serde(with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// Upstream calls per second, all apps together (GCRA); 0 = unlimited.
+    pub calls_per_second: u32,
+    /// Calls that may go at once above the rate (the GCRA burst).
+    pub burst: u32,
+    /// Upstream calls per second per AccessID; 0 = unlimited.
+    pub per_app_calls_per_second: u32,
+    /// Identifiers sent upstream per second, all apps together; 0 = unlimited.
+    pub identifiers_per_second: u32,
+    /// Longest a call waits for the limiter before it is refused (stale or 1008028).
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Most calls waiting for the limiter at once.
+    pub max_queue: usize,
+    /// After the upstream answers 1008028 for an app, no calls for it for this long.
+    #[serde(with = "humantime_serde")]
+    pub rate_limited_cooldown: Duration,
+    /// Retries earned per upstream call (a failed sub-request is retried once on a connection
+    /// error while the budget allows); 0 = no retries.
+    pub retry_budget_ratio: f64,
+    /// Consecutive upstream failures that open the circuit breaker; 0 = no breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe call.
+    #[serde(with = "humantime_serde")]
+    pub breaker_open_for: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,6 +241,22 @@ impl Default for Config {
                 ttl: DEFAULT_CACHE_TTL,
                 negative_ttl: DEFAULT_CACHE_NEGATIVE_TTL,
                 max_bytes: ByteSize::b(DEFAULT_CACHE_MAX_BYTES),
+                stale_while_revalidate: DEFAULT_STALE_WHILE_REVALIDATE,
+                stale_if_error: DEFAULT_STALE_IF_ERROR,
+                ttl_jitter: DEFAULT_TTL_JITTER,
+            },
+            shield: ShieldConfig {
+                batch_window: DEFAULT_BATCH_WINDOW,
+                calls_per_second: DEFAULT_CALLS_PER_SECOND,
+                burst: DEFAULT_BURST,
+                per_app_calls_per_second: 0,
+                identifiers_per_second: 0,
+                max_wait: DEFAULT_MAX_WAIT,
+                max_queue: DEFAULT_MAX_QUEUE,
+                rate_limited_cooldown: DEFAULT_RATE_LIMITED_COOLDOWN,
+                retry_budget_ratio: DEFAULT_RETRY_BUDGET_RATIO,
+                breaker_failures: DEFAULT_BREAKER_FAILURES,
+                breaker_open_for: DEFAULT_BREAKER_OPEN_FOR,
             },
             query: QueryConfig {
                 partial_failure_ret_code: DEFAULT_PARTIAL_FAILURE_RET_CODE,
@@ -294,6 +369,30 @@ impl Config {
         }
         if self.cache.max_bytes.as_u64() > (1u64 << 46) {
             problems.push("cache.max_bytes: must be at most 64 TiB".to_owned());
+        }
+        if !(0.0..=0.5).contains(&self.cache.ttl_jitter) {
+            problems.push(format!(
+                "cache.ttl_jitter: must be between 0.0 and 0.5, got {}",
+                self.cache.ttl_jitter
+            ));
+        }
+        if self.shield.batch_window > Duration::from_secs(1) {
+            problems.push("shield.batch_window: must be at most 1s".to_owned());
+        }
+        if self.shield.burst == 0 {
+            problems.push("shield.burst: must be at least 1".to_owned());
+        }
+        if self.shield.max_queue == 0 {
+            problems.push("shield.max_queue: must be at least 1".to_owned());
+        }
+        if !(0.0..=1.0).contains(&self.shield.retry_budget_ratio) {
+            problems.push(format!(
+                "shield.retry_budget_ratio: must be between 0.0 and 1.0, got {}",
+                self.shield.retry_budget_ratio
+            ));
+        }
+        if self.shield.breaker_open_for.is_zero() {
+            problems.push("shield.breaker_open_for: must be greater than 0".to_owned());
         }
         if self.limits.max_body_bytes.as_u64() < 64 {
             problems.push("limits.max_body_bytes: must be at least 64 B".to_owned());

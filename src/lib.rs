@@ -94,6 +94,9 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         Policy {
             ttl: config.cache.ttl,
             negative_ttl: config.cache.negative_ttl,
+            stale_while_revalidate: config.cache.stale_while_revalidate,
+            stale_if_error: config.cache.stale_if_error,
+            ttl_jitter: config.cache.ttl_jitter,
         },
         clock,
     );
@@ -107,6 +110,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         credentials,
         metrics,
         registry,
+        fetcher: proxy::fetch::Fetcher::new(&config),
         config,
     }))
 }

@@ -4,8 +4,8 @@
 //! chooses), never from input, so cardinality is bounded.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Outcome of one distinct identifier's lookup.
@@ -13,6 +13,10 @@ use prometheus::{
 pub enum LookupOutcome {
     Hit,
     NegativeHit,
+    /// Past its lifetime, served while one background fetch refreshes it.
+    Stale,
+    /// Not cached, but already being fetched: waited for that fetch.
+    Coalesced,
     Miss,
     /// Not looked up: the credential has not been accepted by the upstream recently.
     Unverified,
@@ -23,6 +27,8 @@ impl LookupOutcome {
         match self {
             LookupOutcome::Hit => "hit",
             LookupOutcome::NegativeHit => "negative_hit",
+            LookupOutcome::Stale => "stale",
+            LookupOutcome::Coalesced => "coalesced",
             LookupOutcome::Miss => "miss",
             LookupOutcome::Unverified => "unverified",
         }
@@ -73,6 +79,10 @@ pub enum UpstreamOutcome {
     Timeout,
     HttpError,
     Malformed,
+    /// Not sent: the limiter or a cool-down refused it.
+    RateLimited,
+    /// Not sent: the breaker is open.
+    CircuitOpen,
 }
 
 impl UpstreamOutcome {
@@ -85,6 +95,8 @@ impl UpstreamOutcome {
             UpstreamOutcome::Timeout => "timeout",
             UpstreamOutcome::HttpError => "http_error",
             UpstreamOutcome::Malformed => "malformed",
+            UpstreamOutcome::RateLimited => "rate_limited",
+            UpstreamOutcome::CircuitOpen => "circuit_open",
         }
     }
 
@@ -94,7 +106,10 @@ impl UpstreamOutcome {
             E::UpstreamTimeout(_) => UpstreamOutcome::Timeout,
             E::UpstreamStatus(_) => UpstreamOutcome::HttpError,
             E::UpstreamMalformed(_) => UpstreamOutcome::Malformed,
+            E::RateLimited { .. } => UpstreamOutcome::RateLimited,
+            E::CircuitOpen(_) => UpstreamOutcome::CircuitOpen,
             E::UpstreamUnreachable(_)
+            | E::WaitTimeout(_)
             | E::Unparseable(_)
             | E::MissingParameter(_)
             | E::InvalidParameter(_)
@@ -132,6 +147,15 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub build_info: IntGaugeVec,
+    pub stale_served: IntCounterVec,
+    pub refreshes: IntCounter,
+    pub upstream_batch_size: Histogram,
+    pub limiter_wait_seconds: Histogram,
+    pub limiter_rejections: IntCounterVec,
+    pub breaker_state: IntGauge,
+    pub breaker_opens: IntCounter,
+    pub retries: IntCounter,
+    pub inflight_fetches: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -194,6 +218,70 @@ impl Metrics {
             Opts::new("tpns_cache_build_info", "Always 1; labels name the build."),
             &["version"],
         )?;
+        let stale_served = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_stale_served_total",
+                "Identifiers answered from an entry past its lifetime, by reason \
+                 (revalidate: stale-while-revalidate; error: stale-if-error).",
+            ),
+            &["reason"],
+        )?;
+        let refreshes = IntCounter::new(
+            "tpns_cache_background_refreshes_total",
+            "Background fetches started for stale-while-revalidate entries.",
+        )?;
+        let upstream_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "tpns_cache_upstream_batch_size",
+                "Identifiers per upstream query call (micro-batching gathers concurrent misses).",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+            ]),
+        )?;
+        let limiter_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tpns_cache_limiter_wait_seconds",
+                "Time upstream calls waited for the quota limiter (granted calls).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let limiter_rejections = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_limiter_rejections_total",
+                "Upstream calls not made for quota reasons (queue_full, max_wait, cooldown).",
+            ),
+            &["reason"],
+        )?;
+        let breaker_state = IntGauge::new(
+            "tpns_cache_breaker_state",
+            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open.",
+        )?;
+        let breaker_opens = IntCounter::new(
+            "tpns_cache_breaker_opens_total",
+            "Times the upstream circuit breaker opened.",
+        )?;
+        let retries = IntCounter::new(
+            "tpns_cache_upstream_retries_total",
+            "Upstream query sub-requests retried after a connection error (within the budget).",
+        )?;
+        let inflight_fetches = IntGauge::new(
+            "tpns_cache_inflight_fetches",
+            "Identifiers being fetched from the upstream right now.",
+        )?;
+        for c in [
+            Box::new(stale_served.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refreshes.clone()),
+            Box::new(upstream_batch_size.clone()),
+            Box::new(limiter_wait_seconds.clone()),
+            Box::new(limiter_rejections.clone()),
+            Box::new(breaker_state.clone()),
+            Box::new(breaker_opens.clone()),
+            Box::new(retries.clone()),
+            Box::new(inflight_fetches.clone()),
+        ] {
+            registry.register(c)?;
+        }
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -216,6 +304,15 @@ impl Metrics {
             cache_entries,
             cache_bytes,
             build_info,
+            stale_served,
+            refreshes,
+            upstream_batch_size,
+            limiter_wait_seconds,
+            limiter_rejections,
+            breaker_state,
+            breaker_opens,
+            retries,
+            inflight_fetches,
         })
     }
 

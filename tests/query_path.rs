@@ -252,6 +252,10 @@ async fn negative_answers_are_cached_for_negative_ttl_then_refetched() {
     let h = Harness::with(sim_config(), |c| {
         c.cache.ttl = Duration::from_secs(60);
         c.cache.negative_ttl = Duration::from_secs(5);
+        // Exact lifetimes: no jitter, no stale periods (tested in tests/shield.rs).
+        c.cache.ttl_jitter = 0.0;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+        c.cache.stale_if_error = Duration::ZERO;
     })
     .await;
     let body = accounts_body(&["late-account", "account1"]);
@@ -562,7 +566,12 @@ async fn a_slow_upstream_answers_504_within_the_timeout() {
 
 #[tokio::test]
 async fn whole_call_failures_are_passed_on_and_never_cached() {
-    let h = Harness::start().await;
+    // No cool-down after 1008028 here: every request must reach the upstream (the cool-down has
+    // its own test in tests/shield.rs).
+    let h = Harness::with(sim_config(), |c| {
+        c.shield.rate_limited_cooldown = Duration::ZERO;
+    })
+    .await;
     let body = tokens_body(&["token1"]);
     h.sim.set_faults(tpns_cache::sim::Faults {
         rate_limit_ratio: 1.0,

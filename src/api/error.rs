@@ -44,6 +44,19 @@ pub enum ProxyError {
     /// The upstream's answer is malformed, oversized or does not match what was asked.
     #[error("upstream answer rejected: {0}")]
     UpstreamMalformed(String),
+    /// The upstream quota (our limiter, or a cool-down after the upstream's own 1008028) does
+    /// not allow a call within `shield.max_wait`.
+    #[error("frequency limit exceeded: upstream quota exhausted ({reason}), retry after {}", humantime::format_duration(*.retry_after))]
+    RateLimited {
+        retry_after: Duration,
+        reason: &'static str,
+    },
+    /// The circuit breaker is open after consecutive upstream failures.
+    #[error("upstream circuit open after repeated failures, retry after {}", humantime::format_duration(*.0))]
+    CircuitOpen(Duration),
+    /// An in-flight fetch this request waited for did not finish in time.
+    #[error("no upstream answer within {}", humantime::format_duration(*.0))]
+    WaitTimeout(Duration),
 }
 
 impl ProxyError {
@@ -59,6 +72,10 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamStatus(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamMalformed(_) => StatusCode::BAD_GATEWAY,
+            // As the upstream itself answers 1008028: HTTP 200 (plus Retry-After).
+            ProxyError::RateLimited { .. } => StatusCode::OK,
+            ProxyError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -74,6 +91,9 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => code::INTERNAL_CALL_FAILED,
             ProxyError::UpstreamStatus(_) => code::INTERNAL_CALL_FAILED,
             ProxyError::UpstreamMalformed(_) => code::INTERNAL_CALL_FAILED,
+            ProxyError::RateLimited { .. } => code::RATE_LIMITED,
+            ProxyError::CircuitOpen(_) => code::INTERNAL_CALL_FAILED,
+            ProxyError::WaitTimeout(_) => code::INTERNAL_CALL_FAILED,
         }
     }
 
@@ -90,11 +110,49 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpstreamStatus(_) => "upstream_status",
             ProxyError::UpstreamMalformed(_) => "upstream_malformed",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::CircuitOpen(_) => "circuit_open",
+            ProxyError::WaitTimeout(_) => "wait_timeout",
         }
     }
 
-    pub fn is_upstream(&self) -> bool {
-        self.status().is_server_error()
+    /// The upstream could not give an answer (as opposed to the client sending a bad request):
+    /// the cases where a stale entry may be served instead (stale-if-error).
+    pub fn is_upstream_trouble(&self) -> bool {
+        match self {
+            ProxyError::Unparseable(_)
+            | ProxyError::MissingParameter(_)
+            | ProxyError::InvalidParameter(_)
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientTimeout(_) => false,
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamStatus(_)
+            | ProxyError::UpstreamMalformed(_)
+            | ProxyError::RateLimited { .. }
+            | ProxyError::CircuitOpen(_)
+            | ProxyError::WaitTimeout(_) => true,
+        }
+    }
+
+    /// The `Retry-After` to send with this error, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ProxyError::CircuitOpen(d) => Some(*d),
+            ProxyError::Unparseable(_)
+            | ProxyError::MissingParameter(_)
+            | ProxyError::InvalidParameter(_)
+            | ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientTimeout(_)
+            | ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamStatus(_)
+            | ProxyError::UpstreamMalformed(_)
+            | ProxyError::WaitTimeout(_) => None,
+        }
     }
 
     /// The TPNS-shaped body: `{"retCode":…,"errMsg":"tpns-cache: …"}`.
@@ -160,6 +218,34 @@ mod tests {
     #[test]
     fn upstream_status() {
         check(ProxyError::UpstreamStatus(503), 502, 1_008_004);
+    }
+    #[test]
+    fn rate_limited() {
+        let e = ProxyError::RateLimited {
+            retry_after: Duration::from_secs(2),
+            reason: "max_wait",
+        };
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));
+        assert!(e.is_upstream_trouble());
+        check(e, 200, 1_008_028);
+    }
+    #[test]
+    fn circuit_open() {
+        let e = ProxyError::CircuitOpen(Duration::from_secs(3));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        check(e, 503, 1_008_004);
+    }
+    #[test]
+    fn wait_timeout() {
+        let e = ProxyError::WaitTimeout(Duration::from_secs(3));
+        assert!(e.is_upstream_trouble());
+        check(e, 504, 1_008_004);
+    }
+    #[test]
+    fn client_errors_are_not_upstream_trouble() {
+        assert!(!ProxyError::InvalidParameter("x".into()).is_upstream_trouble());
+        assert!(ProxyError::UpstreamStatus(500).is_upstream_trouble());
+        assert_eq!(ProxyError::UpstreamStatus(500).retry_after(), None);
     }
     #[test]
     fn upstream_malformed() {

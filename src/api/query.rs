@@ -298,19 +298,20 @@ fn parse_account_element(raw: &RawValue, pos: usize, limits: &Limits) -> Result<
 /// The body of one upstream sub-request: the client's top-level fields, `operator_type`, and
 /// the given elements exactly as the client wrote them.
 pub fn build_upstream_body<'a>(
-    req: &QueryRequest,
+    op: Op,
+    top_fields: &[(String, Box<RawValue>)],
     elements: impl Iterator<Item = &'a RawValue>,
 ) -> Vec<u8> {
     let mut out = String::with_capacity(64);
-    let _ = write!(out, "{{\"operator_type\":{}", req.op.operator_type());
-    for (k, v) in &req.top_fields {
+    let _ = write!(out, "{{\"operator_type\":{}", op.operator_type());
+    for (k, v) in top_fields {
         out.push(',');
         push_json_str(&mut out, k);
         out.push(':');
         out.push_str(v.get());
     }
     out.push(',');
-    push_json_str(&mut out, req.op.list_field());
+    push_json_str(&mut out, op.list_field());
     out.push_str(":[");
     for (i, el) in elements.enumerate() {
         if i > 0 {
@@ -603,7 +604,7 @@ mod tests {
         assert!(
             matches!(&r.items[0].ident, Ident::Account { extra: Some(e), .. } if &**e == r#"{"k":1}"#)
         );
-        let body = build_upstream_body(&r, r.items.iter().map(|i| i.raw.as_ref()));
+        let body = build_upstream_body(r.op, &r.top_fields, r.items.iter().map(|i| i.raw.as_ref()));
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             v,

@@ -34,19 +34,32 @@ pub struct CacheKey {
 #[derive(Debug)]
 pub struct Entry {
     pub answer: Answer,
-    /// Logical expiry, on [`Clock`] time.
-    pub expires_at: Instant,
-    /// How long moka keeps it (the same lifetime, on moka's own clock), so memory is reclaimed.
-    ttl: Duration,
+    /// End of the fresh period, on [`Clock`] time.
+    pub fresh_until: Instant,
+    /// End of the stale-while-revalidate period.
+    pub revalidate_until: Instant,
+    /// End of the stale-if-error period.
+    pub stale_until: Instant,
+    /// How long moka keeps it (on moka's own clock), so memory is reclaimed.
+    keep: Duration,
+}
+
+impl Entry {
+    pub fn is_negative(&self) -> bool {
+        matches!(self.answer.code, ElementCode::NotFound)
+    }
 }
 
 /// What a lookup found.
 #[derive(Debug)]
 pub enum Lookup {
-    /// A fresh positive answer (element code `"0"`).
-    Hit(Arc<Entry>),
-    /// A fresh not-found answer.
-    NegativeHit(Arc<Entry>),
+    /// Within its lifetime.
+    Fresh(Arc<Entry>),
+    /// Past its lifetime but within stale-while-revalidate: serve it and refresh in background.
+    Revalidate(Arc<Entry>),
+    /// Past stale-while-revalidate but within stale-if-error: fetch, and serve this only if the
+    /// upstream cannot answer.
+    StaleIfError(Arc<Entry>),
     Miss,
 }
 
@@ -73,9 +86,33 @@ impl Clock {
 pub struct Policy {
     pub ttl: Duration,
     pub negative_ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// Lifetimes are shortened by a random share of up to this fraction.
+    pub ttl_jitter: f64,
 }
 
 impl Policy {
+    /// A policy with the given lifetimes and no stale periods or jitter (tests).
+    pub fn fresh_only(ttl: Duration, negative_ttl: Duration) -> Policy {
+        Policy {
+            ttl,
+            negative_ttl,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            ttl_jitter: 0.0,
+        }
+    }
+
+    /// `lifetime` shortened by up to `ttl_jitter` of itself (never lengthened, so the configured
+    /// TTL stays the upper bound on staleness).
+    fn jittered(&self, lifetime: Duration) -> Duration {
+        if self.ttl_jitter <= 0.0 {
+            return lifetime;
+        }
+        lifetime.mul_f64(1.0 - self.ttl_jitter * fastrand::f64())
+    }
+
     /// `"0"` with an element → `ttl`; `"10110008"` → `negative_ttl` (0 = not cached);
     /// anything else (including `"0"` without an element, which the docs do not describe) → never.
     pub fn lifetime(&self, answer: &Answer) -> Option<Duration> {
@@ -110,7 +147,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         value: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.keep)
     }
     fn expire_after_update(
         &self,
@@ -119,7 +156,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.keep)
     }
 }
 
@@ -158,14 +195,19 @@ impl Store {
         let Some(entry) = self.cache.get(key).await else {
             return Lookup::Miss;
         };
-        if self.clock.now() >= entry.expires_at {
+        if let ElementCode::Other(_) = entry.answer.code {
+            // Never stored (see `Policy::lifetime`), but a lookup must not guess.
             return Lookup::Miss;
         }
-        match entry.answer.code {
-            ElementCode::Ok => Lookup::Hit(entry),
-            ElementCode::NotFound => Lookup::NegativeHit(entry),
-            // Never stored (see `Policy::lifetime`), but a lookup must not guess.
-            ElementCode::Other(_) => Lookup::Miss,
+        let now = self.clock.now();
+        if now < entry.fresh_until {
+            Lookup::Fresh(entry)
+        } else if now < entry.revalidate_until {
+            Lookup::Revalidate(entry)
+        } else if now < entry.stale_until {
+            Lookup::StaleIfError(entry)
+        } else {
+            Lookup::Miss
         }
     }
 
@@ -173,11 +215,16 @@ impl Store {
     /// Returns the entry either way (the caller stitches with it).
     pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
         let lifetime = self.policy.lifetime(&answer);
-        let ttl = lifetime.unwrap_or(Duration::ZERO);
+        let fresh = lifetime.map_or(Duration::ZERO, |l| self.policy.jittered(l));
+        let now = self.clock.now();
+        let swr = self.policy.stale_while_revalidate;
+        let sie = self.policy.stale_if_error;
         let entry = Arc::new(Entry {
             answer,
-            expires_at: self.clock.now() + ttl,
-            ttl,
+            fresh_until: now + fresh,
+            revalidate_until: now + fresh + swr,
+            stale_until: now + fresh + swr.max(sie),
+            keep: fresh + swr.max(sie),
         });
         if lifetime.is_some() {
             self.cache.insert(key, entry.clone()).await;
@@ -236,12 +283,16 @@ mod tests {
     fn store(negative: u64) -> Store {
         Store::new(
             1 << 20,
-            Policy {
-                ttl: Duration::from_secs(60),
-                negative_ttl: Duration::from_secs(negative),
-            },
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(negative)),
             Clock::default(),
         )
+    }
+
+    fn fresh(l: Lookup) -> Option<bool> {
+        match l {
+            Lookup::Fresh(e) => Some(e.is_negative()),
+            _ => None,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -249,16 +300,60 @@ mod tests {
         let s = store(10);
         s.put(key("a", "t1"), ok()).await;
         s.put(key("a", "t2"), not_found()).await;
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Hit(_)));
-        assert!(matches!(
-            s.get(&key("a", "t2")).await,
-            Lookup::NegativeHit(_)
-        ));
+        assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
+        assert_eq!(fresh(s.get(&key("a", "t2")).await), Some(true));
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Hit(_)));
+        assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
         assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
         tokio::time::advance(Duration::from_secs(50)).await;
         assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_periods_follow_the_fresh_one() {
+        let s = Store::new(
+            1 << 20,
+            Policy {
+                stale_while_revalidate: Duration::from_secs(5),
+                stale_if_error: Duration::from_secs(30),
+                ..Policy::fresh_only(Duration::from_secs(10), Duration::from_secs(10))
+            },
+            Clock::default(),
+        );
+        s.put(key("a", "t"), ok()).await;
+        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Fresh(_)));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Revalidate(_)));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(matches!(
+            s.get(&key("a", "t")).await,
+            Lookup::StaleIfError(_)
+        ));
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_only_shortens_lifetimes_and_spreads_them() {
+        let s = Store::new(
+            1 << 20,
+            Policy {
+                ttl_jitter: 0.5,
+                ..Policy::fresh_only(Duration::from_secs(100), Duration::from_secs(100))
+            },
+            Clock::default(),
+        );
+        let now = s.clock().now();
+        let mut ends = Vec::new();
+        for i in 0..50 {
+            let e = s.put(key("a", &format!("t{i}")), ok()).await;
+            assert!(e.fresh_until <= now + Duration::from_secs(100));
+            assert!(e.fresh_until >= now + Duration::from_secs(50));
+            ends.push(e.fresh_until);
+        }
+        ends.sort();
+        ends.dedup();
+        assert!(ends.len() > 40, "lifetimes spread out");
     }
 
     #[tokio::test]
@@ -304,10 +399,7 @@ mod tests {
     async fn byte_budget_is_enforced() {
         let s = Store::new(
             64 * 1024,
-            Policy {
-                ttl: Duration::from_secs(60),
-                negative_ttl: Duration::from_secs(60),
-            },
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
             Clock::default(),
         );
         for i in 0..5000 {

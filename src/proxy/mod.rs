@@ -4,6 +4,7 @@
 //! path is forwarded unchanged ([`passthrough`]).
 
 pub mod auth;
+pub mod fetch;
 pub mod passthrough;
 pub mod query;
 
@@ -37,6 +38,7 @@ pub struct State {
     pub credentials: auth::Credentials,
     pub metrics: Metrics,
     pub registry: prometheus::Registry,
+    pub fetcher: fetch::Fetcher,
 }
 
 /// Routes one request.
@@ -57,9 +59,15 @@ pub fn json_response(status: http::StatusCode, body: impl Into<Bytes>) -> Respon
     resp
 }
 
-/// The TPNS-shaped answer for an error of ours.
+/// The TPNS-shaped answer for an error of ours (with `Retry-After` where it applies).
 pub fn error_response(shape: ErrorShape, e: &ProxyError) -> Response<ProxyBody> {
-    json_response(e.status(), e.body(shape))
+    let mut resp = json_response(e.status(), e.body(shape));
+    if let Some(after) = e.retry_after() {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    resp
 }
 
 /// `Cache-Status: tpns-cache; <params>`.

@@ -4,8 +4,9 @@
 //! 2. read the body (bounded in size and time) and validate it (TPNS codes; nothing forwarded);
 //! 3. split: one [`CacheKey`] per distinct identifier (duplicates are looked up once);
 //! 4. look up in moka, unless the credential has not been accepted by the upstream recently;
-//! 5. forward only the misses, in sub-requests of at most `upstream.max_batch` identifiers;
-//! 6. check each upstream answer, store what may be cached;
+//! 5. fetch only the misses ([`super::fetch`]: coalesced, micro-batched, rate-limited), refresh
+//!    stale-while-revalidate entries in the background, fall back to stale-if-error entries;
+//! 6. each upstream answer is checked and stored by the fetcher;
 //! 7. stitch the documented response in request order, with a `Cache-Status` header.
 
 use std::collections::HashMap;
@@ -14,23 +15,23 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
-use super::auth::{is_auth_failure, ClientAuth, Fingerprint};
+use super::auth::{ClientAuth, Fingerprint};
+use super::fetch::{self, FetchError, RequestContext};
 use super::{cache_status, error_response, json_response, passthrough, State, CACHE_STATUS};
 use crate::api::error::ProxyError;
 use crate::api::query::{
-    build_upstream_body, parse_request, parse_upstream_answer, stitch, top_level_code, Answer,
-    Ident, Limits, QueryRequest, UpstreamAnswer,
+    parse_request, stitch, top_level_code, Answer, Ident, Limits, QueryRequest,
 };
-use crate::api::{code, ErrorShape, QUERY_PATH};
+use crate::api::{code, ErrorShape};
 use crate::cache::{CacheKey, Entry, Lookup};
 use crate::config::LimitsConfig;
-use crate::metrics::{LookupOutcome, RequestOutcome, Route, UpstreamOutcome};
+use crate::metrics::{LookupOutcome, RequestOutcome, Route};
 use crate::upstream::{error_chain, ProxyBody};
 
 pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -90,23 +91,30 @@ async fn serve(
                 .insert(CACHE_STATUS, cache_status(&served.cache_status));
             (resp, served.outcome)
         }
-        Err(Failure::Refused { body }) => {
-            // The upstream's own answer, unchanged: what the client would have got without us.
-            let mut resp = json_response(StatusCode::OK, body);
-            resp.headers_mut().insert(
-                CACHE_STATUS,
-                HeaderValue::from_static("tpns-cache; fwd=miss; detail=\"upstream refused\""),
-            );
-            (resp, RequestOutcome::UpstreamError)
-        }
-        Err(Failure::Proxy(e)) => {
-            let mut resp = error_response(ErrorShape::Camel, &e);
-            resp.headers_mut().insert(
-                CACHE_STATUS,
-                HeaderValue::from_static("tpns-cache; fwd=miss; detail=\"upstream error\""),
-            );
-            (resp, RequestOutcome::UpstreamError)
-        }
+        Err(failure) => match &*failure {
+            FetchError::Refused { ret_code, body } => {
+                // The upstream's own answer, unchanged: what the client would have got without us.
+                let mut resp = json_response(StatusCode::OK, body.clone());
+                resp.headers_mut().insert(
+                    CACHE_STATUS,
+                    HeaderValue::from_static("tpns-cache; fwd=miss; detail=\"upstream refused\""),
+                );
+                if *ret_code == code::RATE_LIMITED {
+                    let secs = state.config.shield.rate_limited_cooldown.as_secs().max(1);
+                    resp.headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from(secs));
+                }
+                (resp, RequestOutcome::UpstreamError)
+            }
+            FetchError::Proxy(e) => {
+                let mut resp = error_response(ErrorShape::Camel, e);
+                resp.headers_mut().insert(
+                    CACHE_STATUS,
+                    HeaderValue::from_static("tpns-cache; fwd=miss; detail=\"upstream error\""),
+                );
+                (resp, RequestOutcome::UpstreamError)
+            }
+        },
     }
 }
 
@@ -161,6 +169,8 @@ struct Unique<'r> {
     /// The element as the client wrote it (sent upstream verbatim).
     raw: &'r RawValue,
     answer: Option<Arc<Entry>>,
+    /// A stale entry to serve only if the upstream cannot answer (stale-if-error).
+    fallback: Option<Arc<Entry>>,
 }
 
 struct Served {
@@ -169,21 +179,13 @@ struct Served {
     outcome: RequestOutcome,
 }
 
-enum Failure {
-    /// The upstream refused the call as a whole (HTTP 200, non-batch `retCode`): its body.
-    Refused {
-        body: Bytes,
-    },
-    Proxy(ProxyError),
-}
-
 async fn answer(
     state: &Arc<State>,
     request: &QueryRequest,
     access_id: Arc<str>,
     fingerprint: Fingerprint,
     headers: HeaderMap,
-) -> Result<Served, Failure> {
+) -> Result<Served, Arc<FetchError>> {
     let op = request.op;
     let top_scope: Option<Arc<str>> = request.top_scope.as_deref().map(Arc::from);
 
@@ -202,6 +204,7 @@ async fn answer(
                 },
                 raw: &item.raw,
                 answer: None,
+                fallback: None,
             });
             uniques.len() - 1
         });
@@ -211,17 +214,23 @@ async fn answer(
     // Look up, only for a credential the upstream accepted recently.
     let trusted = state.credentials.is_accepted(&fingerprint);
     let (mut hits, mut negative_hits) = (0u64, 0u64);
+    let mut revalidate: Vec<usize> = Vec::new();
     if trusted {
-        for u in &mut uniques {
+        for (i, u) in uniques.iter_mut().enumerate() {
             match state.store.get(&u.key).await {
-                Lookup::Hit(e) => {
-                    hits += 1;
+                Lookup::Fresh(e) => {
+                    if e.is_negative() {
+                        negative_hits += 1;
+                    } else {
+                        hits += 1;
+                    }
                     u.answer = Some(e);
                 }
-                Lookup::NegativeHit(e) => {
-                    negative_hits += 1;
+                Lookup::Revalidate(e) => {
+                    revalidate.push(i);
                     u.answer = Some(e);
                 }
+                Lookup::StaleIfError(e) => u.fallback = Some(e),
                 Lookup::Miss => {}
             }
         }
@@ -229,63 +238,85 @@ async fn answer(
     let misses: Vec<usize> = (0..uniques.len())
         .filter(|&i| uniques[i].answer.is_none())
         .collect();
+    let ctx = Arc::new(RequestContext {
+        fingerprint,
+        access_id,
+        op,
+        top_scope,
+        top_fields: request.top_fields.clone(),
+        headers,
+    });
     let m = &state.metrics;
-    m.lookup(op, LookupOutcome::Hit, hits);
-    m.lookup(op, LookupOutcome::NegativeHit, negative_hits);
-    let miss_outcome = if trusted {
-        LookupOutcome::Miss
-    } else {
-        LookupOutcome::Unverified
-    };
-    m.lookup(op, miss_outcome, misses.len() as u64);
+    if !revalidate.is_empty() {
+        let items = revalidate
+            .iter()
+            .map(|&i| (uniques[i].key.clone(), uniques[i].raw.to_owned()))
+            .collect();
+        let started = fetch::refresh(state, &ctx, items);
+        m.refreshes.inc_by(started as u64);
+        m.stale_served
+            .with_label_values(&["revalidate"])
+            .inc_by(revalidate.len() as u64);
+    }
 
-    // Forward the misses.
+    // Fetch the misses (joining flights already in the air).
+    let mut stale_on_error = 0u64;
+    let mut coalesced = 0u64;
     if !misses.is_empty() {
-        let batches = plan_batches(&uniques, &misses, state.config.upstream.max_batch);
-        let calls = batches.iter().map(|batch| {
-            let body = build_upstream_body(request, batch.iter().map(|&i| uniques[i].raw));
-            fetch(state, op, batch.len(), headers.clone(), Bytes::from(body))
-        });
-        let results = join_all(calls).await;
-        let batch_codes = batch_codes(state);
-        let mut failure: Option<Failure> = None;
-        let mut accepted = false;
-        for (batch, result) in batches.iter().zip(results) {
-            let sent: Vec<&Ident> = batch.iter().map(|&i| &uniques[i].key.ident).collect();
-            let parsed = result.and_then(|body| {
-                parse_upstream_answer(op, &sent, &body, &batch_codes).map(|a| (a, body))
-            });
-            match parsed {
-                Ok((UpstreamAnswer::Elements(answers), _)) => {
-                    m.upstream(Route::Query, UpstreamOutcome::Ok);
-                    accepted = true;
-                    for (&i, a) in batch.iter().zip(answers) {
-                        let entry = state.store.put(uniques[i].key.clone(), a).await;
-                        uniques[i].answer = Some(entry);
+        let items = misses
+            .iter()
+            .map(|&i| (uniques[i].key.clone(), uniques[i].raw.to_owned()))
+            .collect();
+        let waiters = fetch::fetch(state, &ctx, items);
+        coalesced = waiters.iter().filter(|(_, joined)| *joined).count() as u64;
+        let bound = state.fetcher.wait_bound;
+        let results = match tokio::time::timeout(
+            bound,
+            join_all(waiters.into_iter().map(|(w, _)| w.result())),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                let e = Arc::new(FetchError::Proxy(ProxyError::WaitTimeout(bound)));
+                vec![Err(e); misses.len()]
+            }
+        };
+        let mut failure: Option<Arc<FetchError>> = None;
+        for (&i, result) in misses.iter().zip(results) {
+            match result {
+                Ok(entry) => uniques[i].answer = Some(entry),
+                Err(e) => match uniques[i].fallback.take() {
+                    Some(stale) if e.allows_stale() => {
+                        stale_on_error += 1;
+                        uniques[i].answer = Some(stale);
                     }
-                }
-                Ok((UpstreamAnswer::Failed { ret_code }, body)) => {
-                    m.upstream(Route::Query, UpstreamOutcome::Refused);
-                    tracing::warn!(ret_code, "upstream refused a query sub-request");
-                    if is_auth_failure(ret_code) {
-                        state.credentials.forget(&fingerprint);
+                    _ => {
+                        failure.get_or_insert(e);
                     }
-                    failure.get_or_insert(Failure::Refused { body });
-                }
-                Err(e) => {
-                    m.upstream(Route::Query, UpstreamOutcome::of_error(&e));
-                    tracing::warn!(error = %e, "upstream query sub-request failed");
-                    failure.get_or_insert(Failure::Proxy(e));
-                }
+                },
             }
         }
         if let Some(f) = failure {
             return Err(f);
         }
-        if accepted {
-            state.credentials.accept(fingerprint);
+        if stale_on_error > 0 {
+            m.stale_served
+                .with_label_values(&["error"])
+                .inc_by(stale_on_error);
         }
     }
+    m.lookup(op, LookupOutcome::Hit, hits);
+    m.lookup(op, LookupOutcome::NegativeHit, negative_hits);
+    m.lookup(op, LookupOutcome::Stale, revalidate.len() as u64);
+    m.lookup(op, LookupOutcome::Coalesced, coalesced);
+    let fresh_misses = misses.len() as u64 - coalesced;
+    let miss_outcome = if trusted {
+        LookupOutcome::Miss
+    } else {
+        LookupOutcome::Unverified
+    };
+    m.lookup(op, miss_outcome, fresh_misses);
 
     // Stitch.
     let mut answers: Vec<&Answer> = Vec::with_capacity(positions.len());
@@ -293,9 +324,9 @@ async fn answer(
         match &uniques[i].answer {
             Some(e) => answers.push(&e.answer),
             None => {
-                return Err(Failure::Proxy(ProxyError::UpstreamMalformed(
+                return Err(Arc::new(FetchError::Proxy(ProxyError::UpstreamMalformed(
                     "an identifier was left unanswered".to_owned(),
-                )))
+                ))))
             }
         }
     }
@@ -307,134 +338,36 @@ async fn answer(
     );
     let body = stitch(op, ret_code, answers.iter().copied());
     let total = uniques.len();
-    let cached = total - misses.len();
-    let (cache_status, outcome) = if !trusted {
+    let from_cache = total - misses.len() + stale_on_error as usize;
+    let stale = revalidate.len() + stale_on_error as usize;
+    let mut detail = format!("hit {from_cache}/{total}");
+    if stale > 0 {
+        detail.push_str(&format!(", stale {stale}"));
+    }
+    if stale_on_error > 0 {
+        detail.push_str(", upstream unavailable");
+    }
+    let (params, outcome) = if !trusted {
         (
             "fwd=request; detail=\"credential not yet verified\"".to_owned(),
             RequestOutcome::Unverified,
         )
-    } else if misses.is_empty() {
+    } else if from_cache == total {
+        (format!("hit; detail=\"{detail}\""), RequestOutcome::Hit)
+    } else if from_cache > 0 {
         (
-            format!("hit; detail=\"hit {cached}/{total}\""),
-            RequestOutcome::Hit,
-        )
-    } else if cached > 0 {
-        (
-            format!("fwd=partial; detail=\"hit {cached}/{total}\""),
+            format!("fwd=partial; detail=\"{detail}\""),
             RequestOutcome::Partial,
         )
     } else {
         (
-            format!("fwd=miss; detail=\"hit 0/{total}\""),
+            format!("fwd=miss; detail=\"{detail}\""),
             RequestOutcome::Miss,
         )
     };
     Ok(Served {
         body,
-        cache_status,
+        cache_status: params,
         outcome,
     })
-}
-
-/// Top-level codes that still carry per-element results.
-fn batch_codes(state: &State) -> [i64; 5] {
-    let q = &state.config.query;
-    [
-        code::OK,
-        code::BATCH_PARTLY_FAILED,
-        code::BATCH_ALL_FAILED,
-        q.partial_failure_ret_code,
-        q.all_failed_ret_code,
-    ]
-}
-
-/// Splits the misses into sub-requests of at most `max_batch`, never putting two identifiers
-/// with the same name (an account asked with two `account_type`s) into one sub-request, so the
-/// upstream's elements can be matched back by name alone.
-fn plan_batches(uniques: &[Unique], misses: &[usize], max_batch: usize) -> Vec<Vec<usize>> {
-    let mut layer_of: HashMap<&str, usize> = HashMap::with_capacity(misses.len());
-    let mut layers: Vec<Vec<usize>> = Vec::new();
-    for &i in misses {
-        let seen = layer_of.entry(uniques[i].key.ident.name()).or_insert(0);
-        let layer = *seen;
-        *seen += 1;
-        if layers.len() <= layer {
-            layers.push(Vec::new());
-        }
-        layers[layer].push(i);
-    }
-    layers
-        .iter()
-        .flat_map(|l| l.chunks(max_batch.max(1)).map(<[usize]>::to_vec))
-        .collect()
-}
-
-/// One upstream sub-request; an HTTP status other than 200 is an error.
-async fn fetch(
-    state: &State,
-    op: crate::api::query::Op,
-    identifiers: usize,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Bytes, ProxyError> {
-    let started = Instant::now();
-    state
-        .metrics
-        .upstream_identifiers
-        .with_label_values(&[op.as_str()])
-        .inc_by(identifiers as u64);
-    let result = state.upstream.post(QUERY_PATH, headers, body).await;
-    state
-        .metrics
-        .upstream_duration
-        .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok((StatusCode::OK, body)) => Ok(body),
-        Ok((status, _)) => Err(ProxyError::UpstreamStatus(status.as_u16())),
-        Err(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn unique(name: &str, account_type: Option<i64>) -> Unique<'static> {
-        Unique {
-            key: CacheKey {
-                upstream: Arc::from("u"),
-                access_id: Arc::from("a"),
-                top_scope: None,
-                ident: Ident::Account {
-                    account: name.into(),
-                    account_type,
-                    extra: None,
-                },
-            },
-            raw: Box::leak(RawValue::from_string("{}".to_owned()).unwrap()),
-            answer: None,
-        }
-    }
-
-    #[test]
-    fn batches_respect_size_and_keep_same_names_apart() {
-        let u = vec![
-            unique("a", None),
-            unique("a", Some(1)),
-            unique("b", None),
-            unique("c", None),
-            unique("a", Some(2)),
-        ];
-        let misses: Vec<usize> = (0..u.len()).collect();
-        let b = plan_batches(&u, &misses, 2);
-        assert_eq!(b, vec![vec![0, 2], vec![3], vec![1], vec![4]]);
-        for batch in &b {
-            let mut names: Vec<&str> = batch.iter().map(|&i| u[i].key.ident.name()).collect();
-            names.dedup();
-            assert_eq!(names.len(), batch.len());
-        }
-        let all: usize = b.iter().map(Vec::len).sum();
-        assert_eq!(all, 5);
-        assert_eq!(plan_batches(&u, &[2, 3], 100), vec![vec![2, 3]]);
-    }
 }

@@ -105,6 +105,9 @@ pub struct Stats {
     pub identifiers: BTreeMap<String, u64>,
     /// The identifiers of the most recent queries, oldest first (at most 1000 queries).
     pub recent_queries: VecDeque<Vec<String>>,
+    /// When each recent query arrived, in milliseconds since the simulator started (at most
+    /// 10 000, oldest first): for counting calls per second.
+    pub query_arrivals_ms: VecDeque<u64>,
 }
 
 impl Stats {
@@ -117,6 +120,7 @@ impl Stats {
 }
 
 const RECENT_QUERIES: usize = 1000;
+const RECENT_ARRIVALS: usize = 10_000;
 
 #[derive(Debug)]
 struct Inner {
@@ -126,6 +130,7 @@ struct Inner {
     faults: Mutex<Faults>,
     stats: Mutex<Stats>,
     calls: AtomicU64,
+    started: std::time::Instant,
 }
 
 /// A running simulator's handle (cheap to clone).
@@ -160,6 +165,7 @@ impl Simulator {
                 data: RwLock::new(data),
                 stats: Mutex::new(Stats::default()),
                 calls: AtomicU64::new(0),
+                started: std::time::Instant::now(),
             }),
         }
     }
@@ -297,6 +303,14 @@ async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Respon
     let reply =
         |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
     let auth = req.headers().get(AUTHORIZATION).cloned();
+    if path == QUERY_PATH {
+        let at = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut s = lock(&inner.stats);
+        if s.query_arrivals_ms.len() == RECENT_ARRIVALS {
+            s.query_arrivals_ms.pop_front();
+        }
+        s.query_arrivals_ms.push_back(at);
+    }
     let body = read(req).await;
     let faults = lock(&inner.faults).clone();
     let n = inner.calls.fetch_add(1, Ordering::Relaxed);

@@ -2,6 +2,10 @@
 //! roots, `ring`), with `http://` allowed for local use. Every call is bounded by
 //! `upstream.timeout`, and answers we read whole are bounded by `upstream.max_response_bytes`.
 
+pub mod breaker;
+pub mod limiter;
+pub mod retry;
+
 use std::error::Error as StdError;
 use std::time::Duration;
 

@@ -1,0 +1,525 @@
+//! Fetching misses from the upstream, spending its quota as if it were money:
+//!
+//! - **Coalescing.** One flight per (credential, cache key): while it is in the air, every other
+//!   request that needs the key waits for it instead of asking again. Flights are keyed by
+//!   credential too, so an answer (or a refusal) for one credential never reaches another except
+//!   through the cache, which only serves accepted credentials.
+//! - **Micro-batching.** New flights of the same scope (credential, AccessID, operator_type,
+//!   top-level fields) are gathered for `shield.batch_window` or until `upstream.max_batch`, and
+//!   sent as one upstream call. Identifiers sharing a name never share a call (see
+//!   [`crate::api::query::parse_upstream_answer`]).
+//! - **Detached calls.** Each batch runs in its own task and resolves its flights when done, so a
+//!   client that disconnects cancels nothing for the others; a failure is shared by all waiters.
+//! - **Quota.** Before a call: the app's cool-down (after an upstream 1008028), the circuit
+//!   breaker, then the GCRA limiter with a bounded queue and a maximum wait. A connection error
+//!   is retried once while the retry budget allows.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+
+use super::auth::{is_auth_failure, Fingerprint};
+use super::State;
+use crate::api::code;
+use crate::api::error::ProxyError;
+use crate::api::query::{
+    build_upstream_body, parse_upstream_answer, Answer, Ident, Op, UpstreamAnswer,
+};
+use crate::api::QUERY_PATH;
+use crate::cache::{CacheKey, Entry};
+use crate::config::Config;
+use crate::metrics::{Route, UpstreamOutcome};
+use crate::upstream::breaker::{Breaker, BreakerState};
+use crate::upstream::limiter::{LimiterConfig, UpstreamLimiter};
+use crate::upstream::retry::RetryBudget;
+
+/// Why a fetch gave no answer; shared by every waiter of the flight.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The upstream refused the call as a whole (HTTP 200, non-batch `retCode`): its own body.
+    Refused {
+        ret_code: i64,
+        body: Bytes,
+    },
+    Proxy(ProxyError),
+}
+
+impl FetchError {
+    /// Whether a stale entry may stand in (stale-if-error): the upstream could not answer, but
+    /// nothing says the credential is bad.
+    pub fn allows_stale(&self) -> bool {
+        match self {
+            FetchError::Refused { ret_code, .. } => *ret_code == code::RATE_LIMITED,
+            FetchError::Proxy(e) => e.is_upstream_trouble(),
+        }
+    }
+}
+
+pub type FlightResult = Result<Arc<Entry>, Arc<FetchError>>;
+type FlightKey = (Fingerprint, CacheKey);
+/// A flight in the air: its id (so only its own batch removes it) and where its result appears.
+type Flight = (u64, watch::Receiver<Option<FlightResult>>);
+
+/// What a request waits on for one identifier.
+#[derive(Debug)]
+pub struct Waiter(watch::Receiver<Option<FlightResult>>);
+
+impl Waiter {
+    pub async fn result(mut self) -> FlightResult {
+        match self.0.wait_for(Option::is_some).await {
+            Ok(v) => match &*v {
+                Some(r) => r.clone(),
+                None => Err(lost()),
+            },
+            Err(_) => Err(lost()),
+        }
+    }
+}
+
+fn lost() -> Arc<FetchError> {
+    Arc::new(FetchError::Proxy(ProxyError::UpstreamUnreachable(
+        "the fetch was abandoned".to_owned(),
+    )))
+}
+
+/// The parts of a client request a batch needs (shared by its items).
+#[derive(Debug)]
+pub struct RequestContext {
+    pub fingerprint: Fingerprint,
+    pub access_id: Arc<str>,
+    pub op: Op,
+    pub top_scope: Option<Arc<str>>,
+    pub top_fields: Vec<(String, Box<RawValue>)>,
+    /// Headers of the upstream sub-request (the client's credential among them).
+    pub headers: HeaderMap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BatchScope {
+    fingerprint: Fingerprint,
+    access_id: Arc<str>,
+    op: Op,
+    top_scope: Option<Arc<str>>,
+}
+
+impl RequestContext {
+    fn scope(&self) -> BatchScope {
+        BatchScope {
+            fingerprint: self.fingerprint,
+            access_id: self.access_id.clone(),
+            op: self.op,
+            top_scope: self.top_scope.clone(),
+        }
+    }
+}
+
+struct BatchItem {
+    key: CacheKey,
+    flight_id: u64,
+    raw: Box<RawValue>,
+    tx: watch::Sender<Option<FlightResult>>,
+}
+
+struct Pending {
+    id: u64,
+    ctx: Arc<RequestContext>,
+    items: Vec<BatchItem>,
+    names: HashSet<Box<str>>,
+}
+
+pub struct Fetcher {
+    inflight: Mutex<HashMap<FlightKey, Flight>>,
+    pending: Mutex<HashMap<BatchScope, Pending>>,
+    ids: AtomicU64,
+    cooldowns: Mutex<HashMap<Arc<str>, tokio::time::Instant>>,
+    pub limiter: UpstreamLimiter,
+    pub breaker: Breaker,
+    retry: RetryBudget,
+    window: Duration,
+    max_batch: usize,
+    cooldown: Duration,
+    batch_codes: [i64; 5],
+    /// How long a request waits for its flights before giving up.
+    pub wait_bound: Duration,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("inflight", &self.inflight_count())
+            .field("limiter", &self.limiter)
+            .field("breaker", &self.breaker.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most AccessIDs remembered in cool-down at once.
+const MAX_COOLDOWNS: usize = 10_000;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Fetcher {
+    pub fn new(config: &Config) -> Fetcher {
+        let s = &config.shield;
+        let q = &config.query;
+        Fetcher {
+            inflight: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(1),
+            cooldowns: Mutex::new(HashMap::new()),
+            limiter: UpstreamLimiter::new(LimiterConfig {
+                calls_per_second: s.calls_per_second,
+                burst: s.burst,
+                per_app_calls_per_second: s.per_app_calls_per_second,
+                identifiers_per_second: s.identifiers_per_second,
+                max_wait: s.max_wait,
+                max_queue: s.max_queue,
+            }),
+            breaker: Breaker::new(s.breaker_failures, s.breaker_open_for),
+            retry: RetryBudget::new(s.retry_budget_ratio),
+            window: s.batch_window,
+            max_batch: config.upstream.max_batch,
+            cooldown: s.rate_limited_cooldown,
+            batch_codes: [
+                code::OK,
+                code::BATCH_PARTLY_FAILED,
+                code::BATCH_ALL_FAILED,
+                q.partial_failure_ret_code,
+                q.all_failed_ret_code,
+            ],
+            // Window, limiter wait, a call and its one retry, and a margin.
+            wait_bound: s.batch_window
+                + s.max_wait
+                + config.upstream.timeout * 2
+                + Duration::from_secs(1),
+        }
+    }
+
+    pub fn inflight_count(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Time left in `app`'s cool-down, if it is in one.
+    fn cooldown_left(&self, app: &Arc<str>) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let map = lock(&self.cooldowns);
+        map.get(app)
+            .filter(|until| **until > now)
+            .map(|until| *until - now)
+    }
+
+    fn start_cooldown(&self, app: &Arc<str>) {
+        if self.cooldown.is_zero() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let mut map = lock(&self.cooldowns);
+        if map.len() >= MAX_COOLDOWNS {
+            map.retain(|_, until| *until > now);
+        }
+        if map.len() < MAX_COOLDOWNS {
+            map.insert(app.clone(), now + self.cooldown);
+        }
+    }
+}
+
+/// Joins or starts a flight for each `(key, element)`. Returns one waiter per item, in order,
+/// and whether it joined an existing flight.
+pub fn fetch(
+    state: &Arc<State>,
+    ctx: &Arc<RequestContext>,
+    items: Vec<(CacheKey, Box<RawValue>)>,
+) -> Vec<(Waiter, bool)> {
+    let f = &state.fetcher;
+    let mut waiters = Vec::with_capacity(items.len());
+    let mut new_items = Vec::new();
+    {
+        let mut inflight = lock(&f.inflight);
+        for (key, raw) in items {
+            let fk = (ctx.fingerprint, key);
+            if let Some((_, rx)) = inflight.get(&fk) {
+                waiters.push((Waiter(rx.clone()), true));
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            let flight_id = f.next_id();
+            inflight.insert(fk.clone(), (flight_id, rx.clone()));
+            waiters.push((Waiter(rx), false));
+            new_items.push(BatchItem {
+                key: fk.1,
+                flight_id,
+                raw,
+                tx,
+            });
+        }
+    }
+    enqueue(state, ctx, new_items);
+    waiters
+}
+
+/// Starts a background refresh for each key that is not already being fetched.
+/// Returns how many were started.
+pub fn refresh(
+    state: &Arc<State>,
+    ctx: &Arc<RequestContext>,
+    items: Vec<(CacheKey, Box<RawValue>)>,
+) -> usize {
+    let f = &state.fetcher;
+    let mut new_items = Vec::new();
+    {
+        let mut inflight = lock(&f.inflight);
+        for (key, raw) in items {
+            let fk = (ctx.fingerprint, key);
+            if inflight.contains_key(&fk) {
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            let flight_id = f.next_id();
+            inflight.insert(fk.clone(), (flight_id, rx));
+            new_items.push(BatchItem {
+                key: fk.1,
+                flight_id,
+                raw,
+                tx,
+            });
+        }
+    }
+    let n = new_items.len();
+    enqueue(state, ctx, new_items);
+    n
+}
+
+fn enqueue(state: &Arc<State>, ctx: &Arc<RequestContext>, items: Vec<BatchItem>) {
+    if items.is_empty() {
+        return;
+    }
+    let f = &state.fetcher;
+    let scope = ctx.scope();
+    let mut ready: Vec<Pending> = Vec::new();
+    let mut timers: Vec<u64> = Vec::new();
+    {
+        let mut pending = lock(&f.pending);
+        for item in items {
+            let name = item.key.ident.name();
+            let must_flush = pending
+                .get(&scope)
+                .is_some_and(|p| p.items.len() >= f.max_batch || p.names.contains(name));
+            if must_flush {
+                if let Some(p) = pending.remove(&scope) {
+                    ready.push(p);
+                }
+            }
+            let p = pending.entry(scope.clone()).or_insert_with(|| {
+                let id = f.next_id();
+                timers.push(id);
+                Pending {
+                    id,
+                    ctx: ctx.clone(),
+                    items: Vec::new(),
+                    names: HashSet::new(),
+                }
+            });
+            p.names.insert(name.into());
+            p.items.push(item);
+            if p.items.len() >= f.max_batch {
+                if let Some(p) = pending.remove(&scope) {
+                    ready.push(p);
+                }
+            }
+        }
+        if f.window.is_zero() {
+            if let Some(p) = pending.remove(&scope) {
+                ready.push(p);
+            }
+        }
+    }
+    for p in ready {
+        tokio::spawn(run_batch(state.clone(), p));
+    }
+    if !f.window.is_zero() {
+        for id in timers {
+            let state = state.clone();
+            let scope = scope.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(state.fetcher.window).await;
+                let due = {
+                    let mut pending = lock(&state.fetcher.pending);
+                    if pending.get(&scope).is_some_and(|p| p.id == id) {
+                        pending.remove(&scope)
+                    } else {
+                        None
+                    }
+                };
+                if let Some(p) = due {
+                    run_batch(state, p).await;
+                }
+            });
+        }
+    }
+}
+
+/// Makes the upstream call for one batch and resolves its flights.
+async fn run_batch(state: Arc<State>, batch: Pending) {
+    let outcome = call(&state, &batch).await;
+    let ctx = &batch.ctx;
+    match outcome {
+        Ok(answers) => {
+            state.credentials.accept(ctx.fingerprint);
+            for (item, answer) in batch.items.iter().zip(answers) {
+                let entry = state.store.put(item.key.clone(), answer).await;
+                let _ = item.tx.send(Some(Ok(entry)));
+            }
+        }
+        Err(e) => {
+            if let FetchError::Refused { ret_code, .. } = &e {
+                if is_auth_failure(*ret_code) {
+                    state.credentials.forget(&ctx.fingerprint);
+                }
+            }
+            let e = Arc::new(e);
+            for item in &batch.items {
+                let _ = item.tx.send(Some(Err(e.clone())));
+            }
+        }
+    }
+    let mut inflight = lock(&state.fetcher.inflight);
+    for item in batch.items {
+        let fk = (ctx.fingerprint, item.key);
+        if inflight
+            .get(&fk)
+            .is_some_and(|(id, _)| *id == item.flight_id)
+        {
+            inflight.remove(&fk);
+        }
+    }
+}
+
+async fn call(state: &State, batch: &Pending) -> Result<Vec<Answer>, FetchError> {
+    let f = &state.fetcher;
+    let m = &state.metrics;
+    let ctx = &batch.ctx;
+    let n = batch.items.len();
+    let refuse = |e: ProxyError, outcome: UpstreamOutcome| {
+        m.upstream(Route::Query, outcome);
+        Err(FetchError::Proxy(e))
+    };
+    if let Some(left) = f.cooldown_left(&ctx.access_id) {
+        m.limiter_rejections.with_label_values(&["cooldown"]).inc();
+        return refuse(
+            ProxyError::RateLimited {
+                retry_after: left.max(Duration::from_secs(1)),
+                reason: "cooldown after upstream 1008028",
+            },
+            UpstreamOutcome::RateLimited,
+        );
+    }
+    let permit = match f.breaker.allow() {
+        Ok(p) => p,
+        Err(retry_after) => {
+            return refuse(
+                ProxyError::CircuitOpen(retry_after),
+                UpstreamOutcome::CircuitOpen,
+            )
+        }
+    };
+    match f.limiter.acquire(&ctx.access_id, n).await {
+        Ok(waited) => m.limiter_wait_seconds.observe(waited.as_secs_f64()),
+        Err(denied) => {
+            m.limiter_rejections
+                .with_label_values(&[denied.as_str()])
+                .inc();
+            return refuse(
+                ProxyError::RateLimited {
+                    retry_after: denied.retry_after(),
+                    reason: denied.as_str(),
+                },
+                UpstreamOutcome::RateLimited,
+            );
+        }
+    }
+    let body = Bytes::from(build_upstream_body(
+        ctx.op,
+        &ctx.top_fields,
+        batch.items.iter().map(|i| i.raw.as_ref()),
+    ));
+    f.retry.deposit();
+    let mut result = send(state, ctx, n, body.clone()).await;
+    if let Err(ProxyError::UpstreamUnreachable(cause)) = &result {
+        if f.retry.try_withdraw() && f.limiter.acquire(&ctx.access_id, n).await.is_ok() {
+            tracing::info!(cause = %cause, "retrying an upstream query sub-request once");
+            m.retries.inc();
+            result = send(state, ctx, n, body).await;
+        }
+    }
+    let sent: Vec<&Ident> = batch.items.iter().map(|i| &i.key.ident).collect();
+    let parsed = result.and_then(|bytes| {
+        parse_upstream_answer(ctx.op, &sent, &bytes, &f.batch_codes).map(|a| (a, bytes))
+    });
+    let alive = match &parsed {
+        Ok(_) => true,
+        Err(e) => !e.is_upstream_trouble(),
+    };
+    if let Some(to) = permit.record(alive) {
+        tracing::warn!(state = ?to, "upstream circuit breaker changed state");
+        if to == BreakerState::Open {
+            m.breaker_opens.inc();
+        }
+    }
+    m.breaker_state.set(f.breaker.state().as_gauge());
+    match parsed {
+        Ok((UpstreamAnswer::Elements(answers), _)) => {
+            m.upstream(Route::Query, UpstreamOutcome::Ok);
+            Ok(answers)
+        }
+        Ok((UpstreamAnswer::Failed { ret_code }, body)) => {
+            m.upstream(Route::Query, UpstreamOutcome::Refused);
+            tracing::warn!(ret_code, "upstream refused a query sub-request");
+            if ret_code == code::RATE_LIMITED {
+                f.start_cooldown(&ctx.access_id);
+            }
+            Err(FetchError::Refused { ret_code, body })
+        }
+        Err(e) => {
+            m.upstream(Route::Query, UpstreamOutcome::of_error(&e));
+            tracing::warn!(error = %e, identifiers = n, "upstream query sub-request failed");
+            Err(FetchError::Proxy(e))
+        }
+    }
+}
+
+/// One upstream query call; an HTTP status other than 200 is an error.
+async fn send(
+    state: &State,
+    ctx: &RequestContext,
+    identifiers: usize,
+    body: Bytes,
+) -> Result<Bytes, ProxyError> {
+    let m = &state.metrics;
+    let started = Instant::now();
+    m.upstream_identifiers
+        .with_label_values(&[ctx.op.as_str()])
+        .inc_by(identifiers as u64);
+    m.upstream_batch_size.observe(identifiers as f64);
+    let result = state
+        .upstream
+        .post(QUERY_PATH, ctx.headers.clone(), body)
+        .await;
+    m.upstream_duration.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok((StatusCode::OK, body)) => Ok(body),
+        Ok((status, _)) => Err(ProxyError::UpstreamStatus(status.as_u16())),
+        Err(e) => Err(e),
+    }
+}
