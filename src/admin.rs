@@ -1,11 +1,22 @@
-//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is alive)
-//! and `/readyz` (configured, listening, not shutting down; deliberately not tied to upstream
-//! health, so an upstream outage does not make every app pod restart).
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is alive),
+//! `/readyz` (configured, listening, not shutting down; deliberately not tied to upstream
+//! health, so an upstream outage does not make every app pod restart), and `POST /purge` (drop
+//! cached entries of an app, by identifier or all of them).
+//!
+//! `/purge` needs `Authorization: Bearer <admin token>` when a token is configured; without one
+//! it answers only on a loopback listener (anyone who can reach a non-loopback admin port could
+//! otherwise empty the cache and spend the quota).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http_body_util::{BodyExt, Limited};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::query::Ident;
+use crate::cache::CacheKey;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus::Registry;
@@ -18,6 +29,116 @@ pub struct Admin {
     pub registry: Registry,
     pub state: Arc<State>,
     pub ready: AtomicBool,
+    /// Whether the admin listener is bound to a loopback address.
+    pub loopback: bool,
+}
+
+/// Most identifier names listed in a purge answer.
+const PURGE_LIST_MAX: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    access_id: String,
+    #[serde(default)]
+    tokens: Option<Vec<String>>,
+    #[serde(default)]
+    accounts: Option<Vec<String>>,
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<ProxyBody> {
+    crate::proxy::json_response(status, v.to_string())
+}
+
+async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
+    let state = &admin.state;
+    match &state.admin_token {
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !token.matches(given.trim().as_bytes()) {
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": "a valid `Authorization: Bearer <admin token>` is required"}),
+                );
+            }
+        }
+        None if !admin.loopback => {
+            return json(
+                StatusCode::FORBIDDEN,
+                json!({"error": "purge is disabled on a non-loopback admin listener without admin.token_file or admin.token_env"}),
+            )
+        }
+        None => {}
+    }
+    let body = match Limited::new(req.into_body(), 1024 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "body unreadable or over 1 MiB"}),
+            )
+        }
+    };
+    let p: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("expected {{\"access_id\": …, \"tokens\": […], \"accounts\": […]}}: {e}")}),
+            )
+        }
+    };
+    if p.access_id.is_empty() {
+        return json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "access_id is empty"}),
+        );
+    }
+    let app: Arc<str> = Arc::from(p.access_id.as_str());
+    state.store.index().bump_epoch(&app);
+    let dropped: Vec<CacheKey> = match (&p.tokens, &p.accounts) {
+        (None, None) => state.store.purge_app(&p.access_id).await,
+        (tokens, accounts) => {
+            let keys = state.store.index().named(
+                &app,
+                tokens.as_deref().unwrap_or_default(),
+                accounts.as_deref().unwrap_or_default(),
+            );
+            state.store.invalidate(&keys).await;
+            keys
+        }
+    };
+    state
+        .metrics
+        .invalidated
+        .with_label_values(&["admin"])
+        .inc_by(dropped.len() as u64);
+    let mut tokens: Vec<&str> = Vec::new();
+    let mut accounts: Vec<&str> = Vec::new();
+    for k in &dropped {
+        match &k.ident {
+            Ident::Token(t) => tokens.push(t),
+            Ident::Account { account, .. } => accounts.push(account),
+        }
+    }
+    for list in [&mut tokens, &mut accounts] {
+        list.sort_unstable();
+        list.dedup();
+    }
+    let truncated = tokens.len() > PURGE_LIST_MAX || accounts.len() > PURGE_LIST_MAX;
+    tokens.truncate(PURGE_LIST_MAX);
+    accounts.truncate(PURGE_LIST_MAX);
+    tracing::info!(entries = dropped.len(), "admin purge");
+    json(
+        StatusCode::OK,
+        json!({"access_id": p.access_id, "dropped": dropped.len(), "tokens": tokens,
+               "accounts": accounts, "truncated": truncated}),
+    )
 }
 
 pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -30,6 +151,12 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Proxy
         );
         r
     };
+    if req.uri().path() == "/purge" {
+        if req.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+        }
+        return purge(&admin, req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }

@@ -34,6 +34,7 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(30);
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
 pub const DEFAULT_TTL_JITTER: f64 = 0.1;
+pub const DEFAULT_INVALIDATE_AGAIN_AFTER: Duration = Duration::from_secs(5);
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// TPNS publishes no QPS for the account APIs; set this to your quota.
 pub const DEFAULT_CALLS_PER_SECOND: u32 = 100;
@@ -69,7 +70,22 @@ pub struct Config {
     pub shield: ShieldConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     pub log: LogConfig,
+}
+
+/// Where a secret comes from: a file (a mounted Kubernetes Secret) or an environment variable.
+/// Secrets never sit in the TOML itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// File holding the bearer token that admin write endpoints (`POST /purge`) require.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding that token (instead of a file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +153,10 @@ pub struct CacheConfig {
     /// Each lifetime is shortened by a random share of up to this fraction (0.0–0.5), so entries
     /// written together do not expire together.
     pub ttl_jitter: f64,
+    /// A write passing through (`batchoperate`) drops the entries it can make wrong at once, and
+    /// again after this delay, because TPNS applies writes asynchronously. `0s`: only at once.
+    #[serde(with = "humantime_serde")]
+    pub invalidate_again_after: Duration,
 }
 
 /// The upstream shield: coalescing, micro-batching, quota limiter, retries and breaker.
@@ -244,6 +264,7 @@ impl Default for Config {
                 stale_while_revalidate: DEFAULT_STALE_WHILE_REVALIDATE,
                 stale_if_error: DEFAULT_STALE_IF_ERROR,
                 ttl_jitter: DEFAULT_TTL_JITTER,
+                invalidate_again_after: DEFAULT_INVALIDATE_AGAIN_AFTER,
             },
             shield: ShieldConfig {
                 batch_window: DEFAULT_BATCH_WINDOW,
@@ -273,6 +294,7 @@ impl Default for Config {
                 accepted_ttl: DEFAULT_ACCEPTED_TTL,
                 accepted_max: DEFAULT_ACCEPTED_MAX,
             },
+            admin: AdminConfig::default(),
             log: LogConfig {
                 level: DEFAULT_LOG_LEVEL.to_owned(),
                 format: LogFormat::Text,
@@ -415,6 +437,16 @@ impl Config {
         if self.auth.accepted_max == 0 {
             problems.push("auth.accepted_max: must be at least 1".to_owned());
         }
+        if self.cache.invalidate_again_after > Duration::from_secs(3600) {
+            problems.push("cache.invalidate_again_after: must be at most 1h".to_owned());
+        }
+        if self.admin.token_file.is_some() && self.admin.token_env.is_some() {
+            problems
+                .push("admin.token_file and admin.token_env are both set; set only one".to_owned());
+        }
+        if let Err(e) = self.admin_token() {
+            problems.push(e);
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
@@ -423,6 +455,62 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// A secret value: never printed by `Debug`, compared in constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Constant-time equality with `other`.
+    pub fn matches(&self, other: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.len() && bool::from(self.0.as_bytes().ct_eq(other))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Reads a secret from a file or an environment variable; the message names `key` on failure
+/// (never the value).
+pub fn read_secret(
+    key: &str,
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> Result<Option<Secret>, String> {
+    let value = match (file, env) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map_err(|e| format!("{key}_file: cannot read {}: {e}", path.display()))?,
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| format!("{key}_env: environment variable {var} is not set"))?,
+        (None, None) => return Ok(None),
+    };
+    let value = value.trim().to_owned();
+    if value.is_empty() {
+        return Err(format!("{key}: the secret is empty"));
+    }
+    Ok(Some(Secret(value)))
+}
+
+impl Config {
+    /// The admin bearer token, if configured.
+    pub fn admin_token(&self) -> Result<Option<Secret>, String> {
+        read_secret(
+            "admin.token",
+            self.admin.token_file.as_deref(),
+            self.admin.token_env.as_deref(),
+        )
     }
 }
 
@@ -559,6 +647,23 @@ mod tests {
             jail.set_env("TPNS_CACHE_UPSTREAM__URL", "http://127.0.0.1:1");
             let msg = Config::load(None).expect_err("both set").to_string();
             assert!(msg.contains("upstream.region"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn admin_token_from_file_or_env_never_printed() {
+        Jail::expect_with(|jail| {
+            jail.create_file("token", "s3cr3t-token\n")?;
+            jail.set_env("TPNS_CACHE_ADMIN__TOKEN_FILE", "token");
+            let c = Config::load(None).expect("loads");
+            let t = c.admin_token().expect("reads").expect("set");
+            assert_eq!(t.expose(), "s3cr3t-token");
+            assert!(t.matches(b"s3cr3t-token") && !t.matches(b"s3cr3t-tokex"));
+            assert!(!format!("{t:?}").contains("s3cr3t"));
+            jail.set_env("TPNS_CACHE_ADMIN__TOKEN_FILE", "missing");
+            let msg = Config::load(None).expect_err("missing file").to_string();
+            assert!(msg.contains("admin.token_file"), "{msg}");
             Ok(())
         });
     }

@@ -75,6 +75,8 @@ pub enum RunError {
     Metrics(#[from] prometheus::Error),
     #[error("cannot draw a random key: {0}")]
     Random(String),
+    #[error("cannot read a secret: {0}")]
+    Secret(String),
 }
 
 /// Installs rustls's `ring` provider as the process default, once. Only one provider is built
@@ -100,6 +102,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         },
         clock,
     );
+    let admin_token = config.admin_token().map_err(RunError::Secret)?;
     let credentials =
         proxy::auth::Credentials::new(config.auth.accepted_ttl, config.auth.accepted_max)
             .map_err(|e| RunError::Random(e.to_string()))?;
@@ -111,6 +114,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         metrics,
         registry,
         fetcher: proxy::fetch::Fetcher::new(&config),
+        admin_token,
         config,
     }))
 }
@@ -140,6 +144,10 @@ pub async fn run_with_clock(
         registry: state.registry.clone(),
         state: state.clone(),
         ready: AtomicBool::new(false),
+        loopback: listeners
+            .admin
+            .local_addr()
+            .is_ok_and(|a| a.ip().is_loopback()),
     });
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin_task = {

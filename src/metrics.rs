@@ -156,6 +156,8 @@ pub struct Metrics {
     pub breaker_opens: IntCounter,
     pub retries: IntCounter,
     pub inflight_fetches: IntGauge,
+    pub invalidated: IntCounterVec,
+    pub fetch_discarded: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -269,8 +271,22 @@ impl Metrics {
             "tpns_cache_inflight_fetches",
             "Identifiers being fetched from the upstream right now.",
         )?;
+        let invalidated = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_invalidated_entries_total",
+                "Cache entries dropped by writes and purges (source: batchoperate, \
+                 batchoperate_delayed, admin).",
+            ),
+            &["source"],
+        )?;
+        let fetch_discarded = IntCounter::new(
+            "tpns_cache_fetch_discarded_total",
+            "Fetched answers not cached because a write to their app happened while in flight.",
+        )?;
         for c in [
-            Box::new(stale_served.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(invalidated.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(fetch_discarded.clone()),
+            Box::new(stale_served.clone()),
             Box::new(refreshes.clone()),
             Box::new(upstream_batch_size.clone()),
             Box::new(limiter_wait_seconds.clone()),
@@ -313,6 +329,8 @@ impl Metrics {
             breaker_opens,
             retries,
             inflight_fetches,
+            invalidated,
+            fetch_discarded,
         })
     }
 

@@ -17,6 +17,9 @@ use tokio::time::Instant;
 
 use crate::api::query::{Answer, ElementCode, Ident};
 
+pub mod index;
+use index::Index;
+
 /// Everything that can change an identifier's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
@@ -166,6 +169,7 @@ pub struct Store {
     cache: Cache<CacheKey, Arc<Entry>>,
     policy: Policy,
     clock: Clock,
+    index: Arc<Index>,
 }
 
 impl std::fmt::Debug for Store {
@@ -179,16 +183,26 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     pub fn new(max_bytes: u64, policy: Policy, clock: Clock) -> Store {
+        let index = Arc::new(Index::default());
+        let listener_index = index.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(weigh)
             .expire_after(EntryExpiry)
+            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, _cause| {
+                listener_index.remove(&key, &entry);
+            })
             .build();
         Store {
             cache,
             policy,
             clock,
+            index,
         }
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     pub async fn get(&self, key: &CacheKey) -> Lookup {
@@ -211,9 +225,32 @@ impl Store {
         }
     }
 
-    /// Wraps an upstream answer into an entry and stores it when the policy allows.
-    /// Returns the entry either way (the caller stitches with it).
+    /// Wraps an upstream answer into an entry and stores it when the policy allows, unless a
+    /// write to its app happened since `epoch` (see [`Index::epoch`]): the answer may predate
+    /// the write. Returns the entry either way (the caller stitches with it) and whether it was
+    /// discarded for that reason.
+    pub async fn put_since(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+        if self.index.epoch(&key.access_id) != epoch {
+            return (self.put_inner(None, answer).await, true);
+        }
+        let app = key.access_id.clone();
+        let check = key.clone();
+        let entry = self.put_inner(Some(key), answer).await;
+        // A write may have slipped in between the check and the insert; its invalidation may
+        // have run before the insert. Looking again closes that gap.
+        if self.index.epoch(&app) != epoch {
+            self.cache.invalidate(&check).await;
+            return (entry, true);
+        }
+        (entry, false)
+    }
+
+    /// Stores unconditionally (see [`Store::put_since`]).
     pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
+        self.put_inner(Some(key), answer).await
+    }
+
+    async fn put_inner(&self, key: Option<CacheKey>, answer: Answer) -> Arc<Entry> {
         let lifetime = self.policy.lifetime(&answer);
         let fresh = lifetime.map_or(Duration::ZERO, |l| self.policy.jittered(l));
         let now = self.clock.now();
@@ -226,10 +263,39 @@ impl Store {
             stale_until: now + fresh + swr.max(sie),
             keep: fresh + swr.max(sie),
         });
-        if lifetime.is_some() {
+        if let (Some(key), Some(_)) = (key, lifetime) {
+            self.index.add(&key, &entry);
             self.cache.insert(key, entry.clone()).await;
         }
         entry
+    }
+
+    /// Drops these keys. Returns how many were present.
+    pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
+        let mut n = 0;
+        for k in keys {
+            if self.cache.remove(k).await.is_some() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Drops every entry of `access_id`; returns the identifiers dropped.
+    pub async fn purge_app(&self, access_id: &str) -> Vec<CacheKey> {
+        let keys: Vec<CacheKey> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| &*k.access_id == access_id)
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        let mut dropped = Vec::with_capacity(keys.len());
+        for k in keys {
+            if self.cache.remove(&k).await.is_some() {
+                dropped.push(k);
+            }
+        }
+        dropped
     }
 
     pub fn entry_count(&self) -> u64 {
@@ -362,6 +428,109 @@ mod tests {
         s.put(key("a", "t2"), not_found()).await;
         s.clock().advance(Duration::from_secs(10));
         assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+    }
+
+    fn account_key(app: &str, account: &str, t: Option<i64>) -> CacheKey {
+        CacheKey {
+            upstream: Arc::from("http://u"),
+            access_id: Arc::from(app),
+            top_scope: None,
+            ident: Ident::Account {
+                account: account.into(),
+                account_type: t,
+                extra: None,
+            },
+        }
+    }
+
+    fn el(json: &str) -> Answer {
+        Answer {
+            code: ElementCode::Ok,
+            element: Some(RawValue::from_string(json.to_owned()).unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn index_finds_both_directions_and_follows_evictions() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        s.put(
+            key("a", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
+        )
+        .await;
+        s.put(
+            account_key("a", "old", None),
+            el(r#"{"account":"old","token_list":["t1","t9"]}"#),
+        )
+        .await;
+        s.put(
+            account_key("a", "old", Some(3)),
+            el(r#"{"account":"old","token_list":[]}"#),
+        )
+        .await;
+        s.put(
+            key("a", "t9"),
+            el(r#"{"token":"t9","account_list":[{"account":"old"}]}"#),
+        )
+        .await;
+        s.put(
+            key("b", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
+        )
+        .await;
+        // A write to t1 affects t1 and the account bound to it (both account_type variants),
+        // and nothing of app b.
+        let affected = s.index().affected(&app, &["t1".to_owned()], &[]);
+        assert_eq!(affected.len(), 3, "{affected:?}");
+        assert!(affected.iter().all(|k| &*k.access_id == "a"));
+        // A write to account "old" reaches the tokens it is bound to.
+        let affected = s.index().affected(&app, &[], &["old".to_owned()]);
+        assert_eq!(affected.len(), 4, "{affected:?}");
+        assert_eq!(s.invalidate(&affected).await, 4);
+        s.sync().await;
+        assert!(s.index().affected(&app, &["t1".to_owned()], &[]).is_empty());
+        assert_eq!(s.index().len(), 1, "only app b's t1 is left");
+        assert_eq!(s.purge_app("b").await.len(), 1);
+        s.sync().await;
+        assert!(s.index().is_empty());
+    }
+
+    #[tokio::test]
+    async fn replacing_an_entry_keeps_the_index_consistent() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        s.put(
+            key("a", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"x"}]}"#),
+        )
+        .await;
+        s.put(
+            key("a", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"y"}]}"#),
+        )
+        .await;
+        s.sync().await;
+        assert_eq!(s.index().affected(&app, &[], &["y".to_owned()]).len(), 1);
+        assert!(s.index().affected(&app, &[], &["x".to_owned()]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_since_a_fetch_started_keep_its_answer_out() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        let epoch = s.index().epoch(&app);
+        s.index().bump_epoch(&app);
+        let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
+        assert!(discarded);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+        let epoch = s.index().epoch(&app);
+        let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
+        assert!(!discarded);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+        // Another app's write does not matter.
+        s.index().bump_epoch(&Arc::from("b"));
+        assert!(!s.put_since(key("a", "t2"), ok(), epoch).await.1);
     }
 
     #[tokio::test]

@@ -375,11 +375,16 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
     let outcome = call(&state, &batch).await;
     let ctx = &batch.ctx;
     match outcome {
-        Ok(answers) => {
+        Ok((answers, epoch)) => {
             state.credentials.accept(ctx.fingerprint);
+            let mut discarded = 0u64;
             for (item, answer) in batch.items.iter().zip(answers) {
-                let entry = state.store.put(item.key.clone(), answer).await;
+                let (entry, dropped) = state.store.put_since(item.key.clone(), answer, epoch).await;
+                discarded += u64::from(dropped);
                 let _ = item.tx.send(Some(Ok(entry)));
+            }
+            if discarded > 0 {
+                state.metrics.fetch_discarded.inc_by(discarded);
             }
         }
         Err(e) => {
@@ -406,7 +411,8 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
     }
 }
 
-async fn call(state: &State, batch: &Pending) -> Result<Vec<Answer>, FetchError> {
+/// The answers, and the app's write epoch when the call went out.
+async fn call(state: &State, batch: &Pending) -> Result<(Vec<Answer>, u64), FetchError> {
     let f = &state.fetcher;
     let m = &state.metrics;
     let ctx = &batch.ctx;
@@ -455,6 +461,7 @@ async fn call(state: &State, batch: &Pending) -> Result<Vec<Answer>, FetchError>
         batch.items.iter().map(|i| i.raw.as_ref()),
     ));
     f.retry.deposit();
+    let epoch = state.store.index().epoch(&ctx.access_id);
     let mut result = send(state, ctx, n, body.clone()).await;
     if let Err(ProxyError::UpstreamUnreachable(cause)) = &result {
         if f.retry.try_withdraw() && f.limiter.acquire(&ctx.access_id, n).await.is_ok() {
@@ -481,7 +488,7 @@ async fn call(state: &State, batch: &Pending) -> Result<Vec<Answer>, FetchError>
     match parsed {
         Ok((UpstreamAnswer::Elements(answers), _)) => {
             m.upstream(Route::Query, UpstreamOutcome::Ok);
-            Ok(answers)
+            Ok((answers, epoch))
         }
         Ok((UpstreamAnswer::Failed { ret_code }, body)) => {
             m.upstream(Route::Query, UpstreamOutcome::Refused);

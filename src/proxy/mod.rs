@@ -4,6 +4,7 @@
 //! path is forwarded unchanged ([`passthrough`]).
 
 pub mod auth;
+pub mod batchoperate;
 pub mod fetch;
 pub mod passthrough;
 pub mod query;
@@ -16,7 +17,7 @@ use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
 use crate::api::error::ProxyError;
-use crate::api::{ErrorShape, QUERY_PATH};
+use crate::api::{ErrorShape, BATCHOPERATE_PATH, QUERY_PATH};
 use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -39,12 +40,16 @@ pub struct State {
     pub metrics: Metrics,
     pub registry: prometheus::Registry,
     pub fetcher: fetch::Fetcher,
+    /// Bearer token for admin write endpoints.
+    pub admin_token: Option<crate::config::Secret>,
 }
 
 /// Routes one request.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     if req.method() == Method::POST && req.uri().path() == QUERY_PATH {
         query::handle(&state, req).await
+    } else if req.method() == Method::POST && req.uri().path() == BATCHOPERATE_PATH {
+        batchoperate::handle(&state, req).await
     } else {
         passthrough::handle(&state, req).await
     }

@@ -107,6 +107,58 @@ pub async fn forward(
     }
 }
 
+/// Forwards a request whose body was already read, and reads the whole answer (bounded by
+/// `upstream.max_response_bytes`, within `upstream.timeout` for the head). Used where the proxy
+/// must look at both (writes that invalidate).
+pub async fn forward_buffered(
+    state: &Arc<State>,
+    mut parts: http::request::Parts,
+    body: bytes::Bytes,
+) -> Result<(http::response::Parts, bytes::Bytes), crate::api::error::ProxyError> {
+    use crate::api::error::ProxyError;
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    parts.uri = state.upstream.base().uri_for(&pq)?;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HOST);
+    parts.version = Version::HTTP_11;
+    let req = Request::from_parts(parts, crate::upstream::full(body));
+    let resp = match state.upstream.send(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            state
+                .metrics
+                .upstream(Route::Other, UpstreamOutcome::of_error(&e));
+            tracing::warn!(path = %pq_path(&pq), error = %e, "forwarding to the upstream failed");
+            return Err(e);
+        }
+    };
+    state
+        .metrics
+        .upstream(Route::Other, UpstreamOutcome::Forwarded);
+    let (mut head, body) = resp.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    let limit =
+        usize::try_from(state.config.upstream.max_response_bytes.as_u64()).unwrap_or(usize::MAX);
+    let bytes = tokio::time::timeout(
+        state.upstream.timeout(),
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout(state.upstream.timeout()))?
+    .map_err(|e| ProxyError::UpstreamUnreachable(crate::upstream::error_chain(e.as_ref())))?
+    .to_bytes();
+    // The body is re-framed with its real length.
+    head.headers.remove(http::header::CONTENT_LENGTH);
+    head.headers.remove(http::header::TRANSFER_ENCODING);
+    head.headers
+        .insert(CACHE_STATUS, cache_status("fwd=bypass"));
+    Ok((head, bytes))
+}
+
 /// The path without the query string (query strings are not logged).
 fn pq_path(pq: &str) -> &str {
     pq.split('?').next().unwrap_or(pq)

@@ -299,7 +299,23 @@ fn fires(n: u64, ratio: f64) -> bool {
 }
 
 async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Response<ProxyBody> {
-    let shape = ErrorShape::for_path(&path);
+    let faults = lock(&inner.faults).clone();
+    let resp = answer(&inner, req, &path, &faults).await;
+    // The answer is computed on arrival and delivered late, as over a slow network: a fetch in
+    // flight can carry an answer from before a write that lands meanwhile.
+    if faults.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    }
+    resp
+}
+
+async fn answer(
+    inner: &Arc<Inner>,
+    req: Request<Incoming>,
+    path: &str,
+    faults: &Faults,
+) -> Response<ProxyBody> {
+    let shape = ErrorShape::for_path(path);
     let reply =
         |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
     let auth = req.headers().get(AUTHORIZATION).cloned();
@@ -312,48 +328,44 @@ async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Respon
         s.query_arrivals_ms.push_back(at);
     }
     let body = read(req).await;
-    let faults = lock(&inner.faults).clone();
     let n = inner.calls.fetch_add(1, Ordering::Relaxed);
-    if faults.latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
-    }
     let Some(body) = body else {
-        count(&inner, &path, 0);
+        count(inner, path, 0);
         return reply(code::UNPARSEABLE);
     };
     let app = match auth.as_ref().and_then(|v| basic(v.as_bytes())) {
         Some((id, secret)) => match inner.apps.get(&id) {
             Some(s) if *s == secret => id,
             Some(_) => {
-                count(&inner, &path, 0);
+                count(inner, path, 0);
                 return reply(code::KEY_MISMATCH);
             }
             None => {
-                count(&inner, &path, 0);
+                count(inner, path, 0);
                 return reply(code::AUTH_FAILED);
             }
         },
         None => {
-            count(&inner, &path, 0);
+            count(inner, path, 0);
             return reply(code::AUTH_FAILED);
         }
     };
     if fires(n, faults.fail_ratio) {
-        count(&inner, &path, 0);
+        count(inner, path, 0);
         return json_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             error_body(shape, code::INTERNAL_CALL_FAILED, "simulated failure"),
         );
     }
     if fires(n, faults.rate_limit_ratio) {
-        count(&inner, &path, 0);
+        count(inner, path, 0);
         return reply(code::RATE_LIMITED);
     }
-    match path.as_str() {
-        QUERY_PATH => query(&inner, &app, &body),
-        BATCHOPERATE_PATH => batchoperate(&inner, &app, &body),
+    match path {
+        QUERY_PATH => query(inner, &app, &body),
+        BATCHOPERATE_PATH => batchoperate(inner, &app, &body),
         _ => {
-            count(&inner, &path, 0);
+            count(inner, path, 0);
             json_response(
                 StatusCode::OK,
                 json!({"ret_code": 0, "err_msg": "NO_ERROR", "seq": 0, "push_id": n.to_string()})
