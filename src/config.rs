@@ -53,6 +53,10 @@ pub const DEFAULT_MAX_ITEMS: usize = 1000;
 pub const DEFAULT_MAX_IDENTIFIER_BYTES: usize = 400;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SIGNATURE_MAX_SKEW: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 32;
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 16 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_ACCEPTED_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_ACCEPTED_MAX: u64 = 10_000;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -68,6 +72,9 @@ pub struct Config {
     pub cache: CacheConfig,
     pub query: QueryConfig,
     pub shield: ShieldConfig,
+    /// TLS on the proxy listener.
+    #[serde(default)]
+    pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     #[serde(default)]
@@ -80,6 +87,9 @@ pub struct Config {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// TLS on the admin listener.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// File holding the bearer token that admin write endpoints (`POST /purge`) require.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
@@ -217,6 +227,12 @@ pub struct LimitsConfig {
     /// A client must send a whole query body within this time.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Deepest JSON nesting accepted in a query body.
+    pub max_json_depth: usize,
+    /// Largest request head (request line + headers); larger ones get HTTP 431.
+    pub max_header_bytes: ByteSize,
+    /// Most client connections open at once on the proxy listener; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +243,80 @@ pub struct AuthConfig {
     pub accepted_ttl: Duration,
     /// Most accepted credentials remembered (as keyed hashes).
     pub accepted_max: u64,
+    /// Largest difference allowed between a signed request's `TimeStamp` and the proxy's clock.
+    #[serde(with = "humantime_serde")]
+    pub signature_max_skew: Duration,
+    /// Apps whose SecretKey the proxy holds: their signed requests are verified, cached and
+    /// re-signed per upstream sub-request.
+    #[serde(default)]
+    pub apps: Vec<AppKeyConfig>,
+    /// Credentials added to requests that arrive with none (the sidecar set-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<InjectConfig>,
+}
+
+/// An app's SecretKey, from a file or an environment variable (never inline).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppKeyConfig {
+    pub access_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectConfig {
+    pub access_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_env: Option<String>,
+    /// How the credentials are sent upstream: `basic` or `signature`.
+    #[serde(default = "default_scheme")]
+    pub scheme: AuthScheme,
+}
+
+fn default_scheme() -> AuthScheme {
+    AuthScheme::Basic
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthScheme {
+    Basic,
+    Signature,
+}
+
+/// TLS on a listener: PEM certificate chain and private key files.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.key_file.is_some()
+    }
+    fn check(&self, key: &str, problems: &mut Vec<String>) {
+        match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => {
+                for (name, path) in [("cert_file", c), ("key_file", k)] {
+                    if !path.exists() {
+                        problems.push(format!("{key}.{name}: {} does not exist", path.display()));
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => problems.push(format!("{key}: set both cert_file and key_file")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,11 +379,18 @@ impl Default for Config {
                 max_identifier_bytes: DEFAULT_MAX_IDENTIFIER_BYTES,
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+                max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+                max_header_bytes: ByteSize::b(DEFAULT_MAX_HEADER_BYTES),
+                max_connections: DEFAULT_MAX_CONNECTIONS,
             },
             auth: AuthConfig {
                 accepted_ttl: DEFAULT_ACCEPTED_TTL,
                 accepted_max: DEFAULT_ACCEPTED_MAX,
+                signature_max_skew: DEFAULT_SIGNATURE_MAX_SKEW,
+                apps: Vec::new(),
+                inject: None,
             },
+            tls: TlsConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig {
                 level: DEFAULT_LOG_LEVEL.to_owned(),
@@ -431,6 +528,23 @@ impl Config {
         if self.limits.body_read_timeout.is_zero() {
             problems.push("limits.body_read_timeout: must be greater than 0".to_owned());
         }
+        if !(2..=128).contains(&self.limits.max_json_depth) {
+            problems.push("limits.max_json_depth: must be between 2 and 128".to_owned());
+        }
+        if self.limits.max_header_bytes.as_u64() < 8192 {
+            problems.push("limits.max_header_bytes: must be at least 8 KiB".to_owned());
+        }
+        if self.limits.max_connections == 0 {
+            problems.push("limits.max_connections: must be at least 1".to_owned());
+        }
+        if self.auth.signature_max_skew.is_zero() {
+            problems.push("auth.signature_max_skew: must be greater than 0".to_owned());
+        }
+        if let Err(e) = self.keys() {
+            problems.extend(e);
+        }
+        self.tls.check("tls", &mut problems);
+        self.admin.tls.check("admin.tls", &mut problems);
         if self.auth.accepted_ttl.is_zero() {
             problems.push("auth.accepted_ttl: must be greater than 0".to_owned());
         }
@@ -503,7 +617,78 @@ pub fn read_secret(
     Ok(Some(Secret(value)))
 }
 
+/// The secrets the proxy holds, read from their files or environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    /// AccessID → SecretKey, for verifying and re-signing signed requests.
+    pub apps: std::collections::HashMap<String, Secret>,
+    /// The injected credentials, if configured.
+    pub inject: Option<Injected>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub access_id: String,
+    pub secret: Secret,
+    pub scheme: AuthScheme,
+}
+
 impl Config {
+    /// Reads every configured app key and the injected credentials.
+    pub fn keys(&self) -> Result<Keys, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut keys = Keys::default();
+        for (i, app) in self.auth.apps.iter().enumerate() {
+            let key = format!("auth.apps[{i}].secret_key");
+            if app.access_id.is_empty() {
+                problems.push(format!("auth.apps[{i}].access_id: must not be empty"));
+            }
+            match read_secret(
+                &key,
+                app.secret_key_file.as_deref(),
+                app.secret_key_env.as_deref(),
+            ) {
+                Ok(Some(s)) => {
+                    if keys.apps.insert(app.access_id.clone(), s).is_some() {
+                        problems.push(format!(
+                            "auth.apps[{i}].access_id: {} is listed twice",
+                            app.access_id
+                        ));
+                    }
+                }
+                Ok(None) => problems.push(format!("{key}_file or {key}_env: one must be set")),
+                Err(e) => problems.push(e),
+            }
+        }
+        if let Some(inj) = &self.auth.inject {
+            if inj.access_id.is_empty() || inj.access_id.contains(':') {
+                problems
+                    .push("auth.inject.access_id: must be non-empty and without ':'".to_owned());
+            }
+            let key = "auth.inject.secret_key";
+            match read_secret(
+                key,
+                inj.secret_key_file.as_deref(),
+                inj.secret_key_env.as_deref(),
+            ) {
+                Ok(Some(secret)) => {
+                    keys.inject = Some(Injected {
+                        access_id: inj.access_id.clone(),
+                        secret,
+                        scheme: inj.scheme,
+                    })
+                }
+                Ok(None) => problems.push(format!("{key}_file or {key}_env: one must be set")),
+                Err(e) => problems.push(e),
+            }
+        }
+        if problems.is_empty() {
+            Ok(keys)
+        } else {
+            Err(problems)
+        }
+    }
+
     /// The admin bearer token, if configured.
     pub fn admin_token(&self) -> Result<Option<Secret>, String> {
         read_secret(

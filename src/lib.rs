@@ -77,6 +77,8 @@ pub enum RunError {
     Random(String),
     #[error("cannot read a secret: {0}")]
     Secret(String),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
 }
 
 /// Installs rustls's `ring` provider as the process default, once. Only one provider is built
@@ -103,9 +105,13 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         clock,
     );
     let admin_token = config.admin_token().map_err(RunError::Secret)?;
-    let credentials =
-        proxy::auth::Credentials::new(config.auth.accepted_ttl, config.auth.accepted_max)
-            .map_err(|e| RunError::Random(e.to_string()))?;
+    let credentials = proxy::auth::Credentials::new(
+        config.auth.accepted_ttl,
+        config.auth.accepted_max,
+        config.keys().map_err(|e| RunError::Secret(e.join("; ")))?,
+        config.auth.signature_max_skew,
+    )
+    .map_err(|e| RunError::Random(e.to_string()))?;
     Ok(Arc::new(proxy::State {
         upstream_id: Arc::from(config.upstream.url.as_str()),
         upstream,
@@ -135,9 +141,25 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send,
     clock: Clock,
 ) -> Result<(), RunError> {
+    install_crypto_provider();
+    let tls = |c: &config::TlsConfig| match (&c.cert_file, &c.key_file) {
+        (Some(cert), Some(key)) => server::tls_acceptor(cert, key)
+            .map(Some)
+            .map_err(RunError::Tls),
+        _ => Ok(None),
+    };
     let opts = ServeOptions {
         header_read_timeout: config.limits.header_read_timeout,
+        max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
+            .unwrap_or(usize::MAX),
+        max_connections: config.limits.max_connections,
+        tls: tls(&config.tls)?,
         ..ServeOptions::default()
+    };
+    let admin_opts = ServeOptions {
+        max_connections: 256,
+        tls: tls(&config.admin.tls)?,
+        ..opts.clone()
     };
     let state = build_state(config, clock)?;
     let admin = Arc::new(admin::Admin {
@@ -159,7 +181,7 @@ pub async fn run_with_clock(
             async {
                 let _ = admin_stop_rx.await;
             },
-            opts,
+            admin_opts,
         ))
     };
     let proxy_addr = listeners

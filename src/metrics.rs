@@ -115,6 +115,8 @@ impl UpstreamOutcome {
             | E::InvalidParameter(_)
             | E::BodyTooLarge { .. }
             | E::ClientBody(_)
+            | E::AuthFailed(_)
+            | E::ContentType(_)
             | E::ClientTimeout(_) => UpstreamOutcome::Unreachable,
         }
     }

@@ -29,6 +29,12 @@ pub enum ProxyError {
     /// The client's request stream broke off or was malformed mid-body.
     #[error("request body could not be read: {0}")]
     ClientBody(String),
+    /// A `Content-Type` that is not JSON.
+    #[error("request body cannot be parsed: Content-Type must be application/json, got {0}")]
+    ContentType(String),
+    /// A signed request whose signature or timestamp the proxy could check and refused.
+    #[error("authentication failed: {0}")]
+    AuthFailed(&'static str),
     /// The client did not send its whole body within `limits.body_read_timeout`.
     #[error("request body not received within {}", humantime::format_duration(*.0))]
     ClientTimeout(Duration),
@@ -67,6 +73,8 @@ impl ProxyError {
             ProxyError::InvalidParameter(_) => StatusCode::OK,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::AuthFailed(_) => StatusCode::OK,
+            ProxyError::ContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -86,6 +94,8 @@ impl ProxyError {
             ProxyError::InvalidParameter(_) => code::INVALID_PARAMETER,
             ProxyError::BodyTooLarge { .. } => code::INVALID_PARAMETER,
             ProxyError::ClientBody(_) => code::UNPARSEABLE,
+            ProxyError::AuthFailed(_) => code::AUTH_FAILED,
+            ProxyError::ContentType(_) => code::UNPARSEABLE,
             ProxyError::ClientTimeout(_) => code::UNPARSEABLE,
             ProxyError::UpstreamUnreachable(_) => code::INTERNAL_CALL_FAILED,
             ProxyError::UpstreamTimeout(_) => code::INTERNAL_CALL_FAILED,
@@ -105,6 +115,8 @@ impl ProxyError {
             ProxyError::InvalidParameter(_) => "invalid_parameter",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "client_body",
+            ProxyError::AuthFailed(_) => "auth_failed",
+            ProxyError::ContentType(_) => "content_type",
             ProxyError::ClientTimeout(_) => "client_timeout",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
@@ -125,6 +137,8 @@ impl ProxyError {
             | ProxyError::InvalidParameter(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody(_)
+            | ProxyError::AuthFailed(_)
+            | ProxyError::ContentType(_)
             | ProxyError::ClientTimeout(_) => false,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
@@ -146,6 +160,8 @@ impl ProxyError {
             | ProxyError::InvalidParameter(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody(_)
+            | ProxyError::AuthFailed(_)
+            | ProxyError::ContentType(_)
             | ProxyError::ClientTimeout(_)
             | ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
@@ -192,6 +208,18 @@ mod tests {
     #[test]
     fn client_body() {
         check(ProxyError::ClientBody("eof".into()), 400, 1_008_001);
+    }
+    #[test]
+    fn content_type() {
+        check(ProxyError::ContentType("text/plain".into()), 415, 1_008_001);
+    }
+    #[test]
+    fn auth_failed() {
+        check(
+            ProxyError::AuthFailed("Sign does not match"),
+            200,
+            1_008_003,
+        );
     }
     #[test]
     fn client_timeout() {

@@ -115,7 +115,72 @@ pub struct QueryRequest {
 pub struct Limits {
     pub max_items: usize,
     pub max_identifier_bytes: usize,
+    pub max_depth: usize,
 }
+
+/// Whether `body` nests arrays/objects deeper than `max` (strings are skipped, escapes
+/// included). Checked before parsing so deep input costs one linear scan, nothing more.
+pub fn nesting_exceeds(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// A JSON array of raw elements that stops reading past `max` elements, so a huge list is
+/// refused without allocating for all of it.
+struct BoundedList {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedList {
+    type Value = Vec<Box<RawValue>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        struct V(usize);
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<Box<RawValue>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(el) = seq.next_element::<Box<RawValue>>()? {
+                    if out.len() == self.0 {
+                        return Err(serde::de::Error::custom(TOO_MANY));
+                    }
+                    out.push(el);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V(self.max))
+    }
+}
+
+const TOO_MANY: &str = "too many elements";
 
 fn invalid(msg: impl Into<String>) -> ProxyError {
     ProxyError::InvalidParameter(msg.into())
@@ -176,6 +241,12 @@ fn account_type_of(raw: &RawValue, field: &str) -> Result<i64, ProxyError> {
 
 /// Parses and validates a client query. Nothing is forwarded for a request that fails here.
 pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, ProxyError> {
+    if nesting_exceeds(body, limits.max_depth) {
+        return Err(invalid(format!(
+            "JSON nested deeper than {} levels",
+            limits.max_depth
+        )));
+    }
     let obj: RawObject = serde_json::from_slice(body).map_err(|e| {
         if e.to_string().starts_with("duplicate key") {
             invalid(e.to_string())
@@ -204,17 +275,24 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Proxy
         .get(list_field)
         .filter(|v| v.get() != "null")
         .ok_or(ProxyError::MissingParameter(list_field))?;
-    let list: Vec<Box<RawValue>> = serde_json::from_str(list_raw.get())
-        .map_err(|_| invalid(format!("{list_field} must be an array")))?;
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(list_raw.get());
+    let list = BoundedList {
+        max: limits.max_items,
+    }
+    .deserialize(&mut de)
+    .map_err(|e| {
+        if e.to_string().starts_with(TOO_MANY) {
+            invalid(format!(
+                "{list_field} has more than {} elements",
+                limits.max_items
+            ))
+        } else {
+            invalid(format!("{list_field} must be an array"))
+        }
+    })?;
     if list.is_empty() {
         return Err(invalid(format!("{list_field} is empty")));
-    }
-    if list.len() > limits.max_items {
-        return Err(invalid(format!(
-            "{list_field} has {} elements, the limit is {}",
-            list.len(),
-            limits.max_items
-        )));
     }
     let mut items = Vec::with_capacity(list.len());
     for (pos, raw) in list.into_iter().enumerate() {
@@ -555,7 +633,37 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_items: 5,
         max_identifier_bytes: 16,
+        max_depth: 8,
     };
+
+    #[test]
+    fn nesting_is_measured_outside_strings() {
+        assert!(!nesting_exceeds(br#"{"a":[[1]]}"#, 3));
+        assert!(nesting_exceeds(br#"{"a":[[[1]]]}"#, 3));
+        assert!(!nesting_exceeds(br#"{"a":"[[[[[[\"[[["}"#, 1));
+        let deep = format!(
+            "{{\"operator_type\":2,\"token_list\":[\"a\"],\"x\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(
+            parse_request(deep.as_bytes(), &LIMITS)
+                .unwrap_err()
+                .ret_code(),
+            1_008_007
+        );
+    }
+
+    #[test]
+    fn huge_lists_stop_at_the_limit() {
+        let body = format!(
+            "{{\"operator_type\":2,\"token_list\":[{}\"x\"]}}",
+            "\"t\",".repeat(1_000_000)
+        );
+        let e = parse_request(body.as_bytes(), &LIMITS).unwrap_err();
+        assert_eq!(e.ret_code(), 1_008_007);
+        assert!(e.to_string().contains("more than 5"), "{e}");
+    }
 
     fn parse(v: &str) -> Result<QueryRequest, ProxyError> {
         parse_request(v.as_bytes(), &LIMITS)

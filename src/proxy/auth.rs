@@ -1,5 +1,10 @@
-//! Who is asking: the client's credential, the app (AccessID) it scopes the cache to, and the
-//! set of credentials the upstream has recently accepted.
+//! Who is asking: the client's credential, the app (AccessID) it scopes the cache to, the
+//! credentials sent upstream on its behalf, and the set of credentials the upstream has
+//! recently accepted.
+//!
+//! Modes (see the README): Basic pass-through; signature pass-through, verified and re-signed
+//! for apps whose SecretKey the proxy holds (`auth.apps`), forwarded byte-for-byte otherwise;
+//! injection (`auth.inject`) for requests that arrive with no credentials at all.
 //!
 //! Invariant: a cached answer is served only to a credential that the upstream accepted within
 //! `auth.accepted_ttl`. Credentials are remembered only as HMAC-SHA256 fingerprints under a key
@@ -11,8 +16,14 @@ use std::sync::Arc;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use http::header::AUTHORIZATION;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use sha2::Sha256;
+
+use crate::config::{AuthScheme, Keys, Secret};
+
+fn sign_for(key: &Secret, timestamp: &str, access_id: &str, body: &[u8]) -> String {
+    sign(key.expose().as_bytes(), timestamp, access_id, body)
+}
 
 /// A keyed hash of one `Authorization` header value.
 pub type Fingerprint = [u8; 32];
@@ -25,15 +36,50 @@ pub enum ClientAuth {
         access_id: Arc<str>,
         fingerprint: Fingerprint,
     },
+    /// `AccessId`/`TimeStamp`/`Sign` for an app whose key the proxy holds; must be verified
+    /// against the body ([`Credentials::verify`]) before anything else happens.
+    Signed {
+        access_id: Arc<str>,
+        timestamp: String,
+        sign: String,
+        fingerprint: Fingerprint,
+    },
+    /// No credentials at all, and injection is configured.
+    Injected {
+        access_id: Arc<str>,
+        fingerprint: Fingerprint,
+    },
     /// Nothing the proxy can safely scope a cache entry to; forwarded unchanged, not cached.
     Unscoped(Unscoped),
+}
+
+impl ClientAuth {
+    /// The app and credential fingerprint the cache is scoped to; `None` when unscoped.
+    pub fn scope(&self) -> Option<(Arc<str>, Fingerprint)> {
+        match self {
+            ClientAuth::Basic {
+                access_id,
+                fingerprint,
+            }
+            | ClientAuth::Signed {
+                access_id,
+                fingerprint,
+                ..
+            }
+            | ClientAuth::Injected {
+                access_id,
+                fingerprint,
+            } => Some((access_id.clone(), *fingerprint)),
+            ClientAuth::Unscoped(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unscoped {
     /// No `Authorization` header and no signature headers.
     NoCredentials,
-    /// `AccessId`/`TimeStamp`/`Sign` headers (signature support comes with its own issue).
+    /// `AccessId`/`TimeStamp`/`Sign` headers of an app whose key the proxy does not hold.
     Signature,
     /// An `Authorization` header that is not well-formed Basic.
     Malformed,
@@ -49,10 +95,72 @@ impl Unscoped {
     }
 }
 
-/// Credentials the upstream has accepted recently (bounded, with a TTL).
+/// How a request's upstream calls are authenticated.
+#[derive(Debug, Clone)]
+pub enum UpstreamAuth {
+    /// This `Authorization` value as it is (the client's Basic, or injected Basic).
+    Header(HeaderValue),
+    /// `AccessId`/`TimeStamp`/`Sign` computed for each body with this app's key.
+    Sign { access_id: Arc<str>, secret: Secret },
+}
+
+impl UpstreamAuth {
+    /// Adds the credentials for a call with this `body`.
+    pub fn apply(&self, headers: &mut HeaderMap, body: &[u8]) {
+        match self {
+            UpstreamAuth::Header(v) => {
+                headers.insert(AUTHORIZATION, v.clone());
+            }
+            UpstreamAuth::Sign { access_id, secret } => {
+                let ts = unix_now().to_string();
+                let sign = sign(secret.expose().as_bytes(), &ts, access_id, body);
+                for (name, value) in [
+                    ("accessid", &**access_id),
+                    ("timestamp", &ts),
+                    ("sign", &sign),
+                ] {
+                    if let Ok(v) = HeaderValue::from_str(value) {
+                        headers.insert(name, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether applying needs the whole body (signatures do).
+    pub fn needs_body(&self) -> bool {
+        matches!(self, UpstreamAuth::Sign { .. })
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// TPNS's signature: `base64(lowercase_hex(HMAC-SHA256(SecretKey, TimeStamp + AccessId + body)))`.
+pub fn sign(secret: &[u8], timestamp: &str, access_id: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(timestamp.as_bytes());
+    mac.update(access_id.as_bytes());
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let mut hex = String::with_capacity(64);
+    for b in digest {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    base64::engine::general_purpose::STANDARD.encode(hex)
+}
+
+/// Credentials the upstream has accepted recently (bounded, with a TTL), and the keys the proxy
+/// holds.
 pub struct Credentials {
     key: [u8; 32],
     accepted: moka::sync::Cache<Fingerprint, ()>,
+    keys: Keys,
+    max_skew: std::time::Duration,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -65,7 +173,12 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub fn new(ttl: std::time::Duration, max: u64) -> Result<Credentials, getrandom::Error> {
+    pub fn new(
+        ttl: std::time::Duration,
+        max: u64,
+        keys: Keys,
+        max_skew: std::time::Duration,
+    ) -> Result<Credentials, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         Ok(Credentials {
@@ -74,6 +187,8 @@ impl Credentials {
                 .max_capacity(max)
                 .time_to_live(ttl)
                 .build(),
+            keys,
+            max_skew,
         })
     }
 
@@ -82,11 +197,17 @@ impl Credentials {
             .iter()
             .any(|h| headers.contains_key(*h))
         {
-            return ClientAuth::Unscoped(Unscoped::Signature);
+            return self.classify_signed(headers);
         }
         let mut values = headers.get_all(AUTHORIZATION).iter();
         let Some(value) = values.next() else {
-            return ClientAuth::Unscoped(Unscoped::NoCredentials);
+            return match &self.keys.inject {
+                Some(inj) => ClientAuth::Injected {
+                    access_id: Arc::from(inj.access_id.as_str()),
+                    fingerprint: self.fingerprint(format!("inject\0{}", inj.access_id).as_bytes()),
+                },
+                None => ClientAuth::Unscoped(Unscoped::NoCredentials),
+            };
         };
         if values.next().is_some() {
             return ClientAuth::Unscoped(Unscoped::Malformed);
@@ -98,6 +219,98 @@ impl Credentials {
             },
             None => ClientAuth::Unscoped(Unscoped::Malformed),
         }
+    }
+
+    fn classify_signed(&self, headers: &HeaderMap) -> ClientAuth {
+        let get = |name: &str| {
+            let mut all = headers.get_all(name).iter();
+            match (all.next(), all.next()) {
+                (Some(v), None) => v.to_str().ok().map(str::to_owned),
+                _ => None,
+            }
+        };
+        let (Some(access_id), Some(timestamp), Some(sign)) =
+            (get("accessid"), get("timestamp"), get("sign"))
+        else {
+            return ClientAuth::Unscoped(Unscoped::Signature);
+        };
+        if !self.keys.apps.contains_key(&access_id) {
+            return ClientAuth::Unscoped(Unscoped::Signature);
+        }
+        ClientAuth::Signed {
+            fingerprint: self.fingerprint(format!("sign\0{access_id}").as_bytes()),
+            access_id: Arc::from(access_id),
+            timestamp,
+            sign,
+        }
+    }
+
+    /// Checks a signed request against the key the proxy holds: the timestamp within
+    /// `auth.signature_max_skew`, the signature equal in constant time.
+    pub fn verify(
+        &self,
+        access_id: &str,
+        timestamp: &str,
+        sign: &str,
+        body: &[u8],
+    ) -> Result<(), &'static str> {
+        let key = self.keys.apps.get(access_id).ok_or("no key for this app")?;
+        let ts: i64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| "TimeStamp is not a number")?;
+        let skew = i64::try_from(self.max_skew.as_secs()).unwrap_or(i64::MAX);
+        if (unix_now() - ts).abs() > skew {
+            return Err("TimeStamp outside the allowed clock skew");
+        }
+        let expected = sign_for(key, timestamp, access_id, body);
+        use subtle::ConstantTimeEq;
+        let given = sign.trim().as_bytes();
+        if expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given)) {
+            Ok(())
+        } else {
+            Err("Sign does not match")
+        }
+    }
+
+    /// The upstream credentials for a request classified as `auth` (`None` for unscoped ones,
+    /// which are forwarded as they are).
+    pub fn upstream_auth(&self, auth: &ClientAuth, client: &HeaderMap) -> Option<UpstreamAuth> {
+        match auth {
+            ClientAuth::Basic { .. } => {
+                client.get(AUTHORIZATION).cloned().map(UpstreamAuth::Header)
+            }
+            ClientAuth::Signed { access_id, .. } => {
+                let secret = self.keys.apps.get(&**access_id)?.clone();
+                Some(UpstreamAuth::Sign {
+                    access_id: access_id.clone(),
+                    secret,
+                })
+            }
+            ClientAuth::Injected { .. } => self.injection(),
+            ClientAuth::Unscoped(_) => None,
+        }
+    }
+
+    /// The injected credentials, if configured.
+    pub fn injection(&self) -> Option<UpstreamAuth> {
+        let inj = self.keys.inject.as_ref()?;
+        Some(match inj.scheme {
+            AuthScheme::Basic => {
+                let token = base64::engine::general_purpose::STANDARD.encode(format!(
+                    "{}:{}",
+                    inj.access_id,
+                    inj.secret.expose()
+                ));
+                let mut v = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+                v.set_sensitive(true);
+                UpstreamAuth::Header(v)
+            }
+            AuthScheme::Signature => UpstreamAuth::Sign {
+                access_id: Arc::from(inj.access_id.as_str()),
+                secret: inj.secret.clone(),
+            },
+        })
     }
 
     fn fingerprint(&self, header: &[u8]) -> Fingerprint {
@@ -152,7 +365,99 @@ mod tests {
     use http::HeaderValue;
 
     fn creds() -> Credentials {
-        Credentials::new(std::time::Duration::from_secs(60), 100).unwrap()
+        Credentials::new(
+            std::time::Duration::from_secs(60),
+            100,
+            Keys::default(),
+            std::time::Duration::from_secs(300),
+        )
+        .unwrap()
+    }
+
+    /// The worked example from the TPNS docs (`../shared/spec/TPNS-API.md`).
+    #[test]
+    fn signature_worked_example() {
+        let body = r#"{"audience_type": "account","platform": "android","message": {"title": "test title","content": "test content","android": { "action": {"action_type": 3,"intent": "xgscheme://com.xg.push/notify_detail?param1=xg"}}},"message_type": "notify","account_list": ["5822f0eee44c3625ef0000bb"] }"#;
+        let s = sign(
+            b"1452fcebae9f3115ba794fb0fff2fd73",
+            "1565314789",
+            "1500001048",
+            body.as_bytes(),
+        );
+        assert_eq!(
+            s,
+            "Y2QyMDc3NDY4MmJmNzhiZmRiNDNlMTdkMWQ1ZDU2YjNlNWI3ODlhMTY3MGZjMTUyN2VmNTRjNjVkMmQ3Yjc2ZA=="
+        );
+        let hex = base64::engine::general_purpose::STANDARD
+            .decode(&s)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(hex).unwrap(),
+            "cd20774682bf78bfdb43e17d1d5d56b3e5b789a1670fc1527ef54c65d2d7b76d"
+        );
+    }
+
+    fn signed_creds() -> Credentials {
+        let mut keys = Keys::default();
+        keys.apps.insert("app1".into(), Secret::new("k1".into()));
+        Credentials::new(
+            std::time::Duration::from_secs(60),
+            100,
+            keys,
+            std::time::Duration::from_secs(300),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn verifies_signatures_and_their_age() {
+        let c = signed_creds();
+        let body = b"{}";
+        let now = unix_now().to_string();
+        let good = sign(b"k1", &now, "app1", body);
+        assert_eq!(c.verify("app1", &now, &good, body), Ok(()));
+        assert!(c.verify("app1", &now, &good, b"{ }").is_err(), "other body");
+        assert!(c
+            .verify("app1", &now, &sign(b"k2", &now, "app1", body), body)
+            .is_err());
+        let old = (unix_now() - 301).to_string();
+        assert_eq!(
+            c.verify("app1", &old, &sign(b"k1", &old, "app1", body), body),
+            Err("TimeStamp outside the allowed clock skew")
+        );
+        assert!(c.verify("app1", "soon", &good, body).is_err());
+        assert!(c.verify("app2", &now, &good, body).is_err());
+        let mut h = HeaderMap::new();
+        h.insert("accessid", HeaderValue::from_static("app1"));
+        h.insert("timestamp", HeaderValue::from_str(&now).unwrap());
+        h.insert("sign", HeaderValue::from_str(&good).unwrap());
+        assert!(matches!(c.classify(&h), ClientAuth::Signed { .. }));
+        h.insert("accessid", HeaderValue::from_static("other-app"));
+        assert!(matches!(
+            c.classify(&h),
+            ClientAuth::Unscoped(Unscoped::Signature)
+        ));
+        h.remove("sign");
+        assert!(matches!(
+            c.classify(&h),
+            ClientAuth::Unscoped(Unscoped::Signature)
+        ));
+    }
+
+    #[test]
+    fn applied_signature_verifies() {
+        let c = signed_creds();
+        let auth = UpstreamAuth::Sign {
+            access_id: Arc::from("app1"),
+            secret: Secret::new("k1".into()),
+        };
+        let mut h = HeaderMap::new();
+        auth.apply(&mut h, b"{\"x\":1}");
+        let get = |n: &str| h.get(n).unwrap().to_str().unwrap().to_owned();
+        assert_eq!(
+            c.verify("app1", &get("timestamp"), &get("sign"), b"{\"x\":1}"),
+            Ok(())
+        );
     }
 
     fn basic(user_secret: &str) -> HeaderMap {

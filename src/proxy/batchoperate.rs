@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::auth::ClientAuth;
+use super::auth::{ClientAuth, UpstreamAuth};
 use super::passthrough::forward_buffered;
 use super::{error_response, State};
 use crate::api::error::ProxyError;
@@ -86,15 +86,30 @@ pub async fn invalidate(
     keys
 }
 
-fn app_of(state: &State, req: &Request<Incoming>) -> (Option<Arc<str>>, bool) {
-    match state.credentials.classify(req.headers()) {
+/// The app a write is for, whether its credential is trusted, and the credentials to inject.
+fn app_of(
+    state: &State,
+    req: &Request<Incoming>,
+) -> (Option<Arc<str>>, bool, Option<UpstreamAuth>) {
+    let auth = state.credentials.classify(req.headers());
+    match &auth {
         ClientAuth::Basic {
             access_id,
             fingerprint,
-        } => {
-            let trusted = state.credentials.is_accepted(&fingerprint);
-            (Some(access_id), trusted)
         }
+        | ClientAuth::Injected {
+            access_id,
+            fingerprint,
+        } => {
+            let trusted = state.credentials.is_accepted(fingerprint);
+            let inject = match &auth {
+                ClientAuth::Injected { .. } => state.credentials.injection(),
+                _ => None,
+            };
+            (Some(access_id.clone()), trusted, inject)
+        }
+        // The upstream checks the signature of the unchanged body.
+        ClientAuth::Signed { access_id, .. } => (Some(access_id.clone()), false, None),
         ClientAuth::Unscoped(_) => {
             // Signature requests name their app in `AccessId`; the upstream verifies them.
             let app = req
@@ -103,14 +118,14 @@ fn app_of(state: &State, req: &Request<Incoming>) -> (Option<Arc<str>>, bool) {
                 .and_then(|v| v.to_str().ok())
                 .filter(|s| !s.is_empty())
                 .map(Arc::from);
-            (app, false)
+            (app, false, None)
         }
     }
 }
 
 pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let (app, trusted) = app_of(state, &req);
+    let (app, trusted, inject) = app_of(state, &req);
     let (parts, body) = req.into_parts();
     let limit = state.config.limits.max_body_bytes.as_u64();
     let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
@@ -137,7 +152,7 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
     if let (Some((app, tokens, accounts)), true) = (&named, trusted) {
         invalidate(state, app, tokens, accounts, "batchoperate").await;
     }
-    let (resp, outcome) = match forward_buffered(state, parts, bytes).await {
+    let (resp, outcome) = match forward_buffered(state, parts, bytes, inject.as_ref()).await {
         Ok((head, body)) => {
             let accepted = head.status == http::StatusCode::OK
                 && serde_json::from_slice::<Value>(&body)

@@ -24,7 +24,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 
-use super::auth::{is_auth_failure, Fingerprint};
+use super::auth::{is_auth_failure, Fingerprint, UpstreamAuth};
 use super::State;
 use crate::api::code;
 use crate::api::error::ProxyError;
@@ -96,8 +96,10 @@ pub struct RequestContext {
     pub op: Op,
     pub top_scope: Option<Arc<str>>,
     pub top_fields: Vec<(String, Box<RawValue>)>,
-    /// Headers of the upstream sub-request (the client's credential among them).
+    /// Headers of the upstream sub-request, without credentials.
     pub headers: HeaderMap,
+    /// Credentials added to each call (signatures depend on the body).
+    pub auth: UpstreamAuth,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -519,10 +521,9 @@ async fn send(
         .with_label_values(&[ctx.op.as_str()])
         .inc_by(identifiers as u64);
     m.upstream_batch_size.observe(identifiers as f64);
-    let result = state
-        .upstream
-        .post(QUERY_PATH, ctx.headers.clone(), body)
-        .await;
+    let mut headers = ctx.headers.clone();
+    ctx.auth.apply(&mut headers, &body);
+    let result = state.upstream.post(QUERY_PATH, headers, body).await;
     m.upstream_duration.observe(started.elapsed().as_secs_f64());
     match result {
         Ok((StatusCode::OK, body)) => Ok(body),

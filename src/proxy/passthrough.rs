@@ -44,10 +44,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Forwards a request on a path the proxy does not cache.
+/// Forwards a request on a path the proxy does not cache (adding the injected credentials to a
+/// request that arrives with none, when injection is configured).
 pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let (resp, outcome) = forward(state, req, None).await;
+    let inject = match state.credentials.classify(req.headers()) {
+        super::auth::ClientAuth::Injected { .. } => state.credentials.injection(),
+        _ => None,
+    };
+    let (resp, outcome) = match inject {
+        None => forward(state, req, None).await,
+        Some(auth) if !auth.needs_body() => {
+            let mut req = req;
+            auth.apply(req.headers_mut(), &[]);
+            forward(state, req, None).await
+        }
+        // A signature covers the body: read it (bounded), sign, send.
+        Some(auth) => forward_signed(state, req, &auth).await,
+    };
     state
         .metrics
         .request(Route::Other, outcome, started.elapsed().as_secs_f64());
@@ -114,6 +128,7 @@ pub async fn forward_buffered(
     state: &Arc<State>,
     mut parts: http::request::Parts,
     body: bytes::Bytes,
+    inject: Option<&super::auth::UpstreamAuth>,
 ) -> Result<(http::response::Parts, bytes::Bytes), crate::api::error::ProxyError> {
     use crate::api::error::ProxyError;
     let pq = parts
@@ -125,6 +140,9 @@ pub async fn forward_buffered(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
     parts.version = Version::HTTP_11;
+    if let Some(auth) = inject {
+        auth.apply(&mut parts.headers, &body);
+    }
     let req = Request::from_parts(parts, crate::upstream::full(body));
     let resp = match state.upstream.send(req).await {
         Ok(r) => r,
@@ -157,6 +175,44 @@ pub async fn forward_buffered(
     head.headers
         .insert(CACHE_STATUS, cache_status("fwd=bypass"));
     Ok((head, bytes))
+}
+
+async fn forward_signed(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    auth: &super::auth::UpstreamAuth,
+) -> (Response<ProxyBody>, RequestOutcome) {
+    use crate::api::error::ProxyError;
+    let shape = ErrorShape::for_path(req.uri().path());
+    let (parts, body) = req.into_parts();
+    let limits = &state.config.limits;
+    let limit = limits.max_body_bytes.as_u64();
+    let read =
+        http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
+    let bytes = match tokio::time::timeout(limits.body_read_timeout, read).await {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return (
+                error_response(shape, &ProxyError::BodyTooLarge { limit }),
+                RequestOutcome::Invalid,
+            )
+        }
+        Ok(Err(e)) => {
+            let e = ProxyError::ClientBody(crate::upstream::error_chain(e.as_ref()));
+            return (error_response(shape, &e), RequestOutcome::Invalid);
+        }
+        Err(_) => {
+            let e = ProxyError::ClientTimeout(limits.body_read_timeout);
+            return (error_response(shape, &e), RequestOutcome::Invalid);
+        }
+    };
+    match forward_buffered(state, parts, bytes, Some(auth)).await {
+        Ok((head, body)) => (
+            Response::from_parts(head, crate::upstream::full(body)),
+            RequestOutcome::Bypass,
+        ),
+        Err(e) => (error_response(shape, &e), RequestOutcome::UpstreamError),
+    }
 }
 
 /// The path without the query string (query strings are not logged).

@@ -15,13 +15,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
-use super::auth::{ClientAuth, Fingerprint};
+use super::auth::{ClientAuth, Fingerprint, UpstreamAuth};
 use super::fetch::{self, FetchError, RequestContext};
 use super::{cache_status, error_response, json_response, passthrough, State, CACHE_STATUS};
 use crate::api::error::ProxyError;
@@ -41,10 +41,7 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
             let params = format!("fwd=bypass; detail=\"{}\"", why.as_str());
             passthrough::forward(state, req, Some(&params)).await
         }
-        ClientAuth::Basic {
-            access_id,
-            fingerprint,
-        } => serve(state, req, access_id, fingerprint).await,
+        scoped => serve(state, req, scoped).await,
     };
     state
         .metrics
@@ -55,8 +52,7 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
 async fn serve(
     state: &Arc<State>,
     req: Request<Incoming>,
-    access_id: Arc<str>,
-    fingerprint: Fingerprint,
+    auth: ClientAuth,
 ) -> (Response<ProxyBody>, RequestOutcome) {
     let (parts, body) = req.into_parts();
     let refused = |e: ProxyError| {
@@ -68,15 +64,44 @@ async fn serve(
         (resp, RequestOutcome::Invalid)
     };
     let limits = &state.config.limits;
+    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
+        // TPNS takes JSON only; an absent Content-Type is tolerated, a different one is not.
+        let ct = String::from_utf8_lossy(ct.as_bytes()).to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim().to_owned();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            let shown: String = essence.chars().take(64).collect();
+            return refused(ProxyError::ContentType(shown));
+        }
+    }
     let bytes = match read_body(body, &parts.headers, limits).await {
         Ok(b) => b,
         Err(e) => return refused(e),
+    };
+    if let ClientAuth::Signed {
+        access_id,
+        timestamp,
+        sign,
+        ..
+    } = &auth
+    {
+        // Checked before anything else: a bad or stale signature never reaches the cache or
+        // the upstream.
+        if let Err(why) = state.credentials.verify(access_id, timestamp, sign, &bytes) {
+            return refused(ProxyError::AuthFailed(why));
+        }
+    }
+    let (Some((access_id, fingerprint)), Some(upstream_auth)) = (
+        auth.scope(),
+        state.credentials.upstream_auth(&auth, &parts.headers),
+    ) else {
+        return refused(ProxyError::AuthFailed("no usable credentials"));
     };
     let request = match parse_request(
         &bytes,
         &Limits {
             max_items: limits.max_items,
             max_identifier_bytes: limits.max_identifier_bytes,
+            max_depth: limits.max_json_depth,
         },
     ) {
         Ok(r) => r,
@@ -84,7 +109,16 @@ async fn serve(
     };
     drop(bytes);
     let headers = upstream_headers(&parts.headers);
-    match answer(state, &request, access_id, fingerprint, headers).await {
+    match answer(
+        state,
+        &request,
+        access_id,
+        fingerprint,
+        headers,
+        upstream_auth,
+    )
+    .await
+    {
         Ok(served) => {
             let mut resp = json_response(StatusCode::OK, served.body);
             resp.headers_mut()
@@ -144,12 +178,10 @@ async fn read_body(
     }
 }
 
-/// Headers of an upstream sub-request: the client's credential and user agent, JSON both ways.
+/// Headers of an upstream sub-request (credentials are added per call): the client's user
+/// agent, JSON both ways.
 fn upstream_headers(client: &HeaderMap) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(4);
-    if let Some(a) = client.get(AUTHORIZATION) {
-        h.insert(AUTHORIZATION, a.clone());
-    }
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(ACCEPT, HeaderValue::from_static("application/json"));
     let ua = client
@@ -185,6 +217,7 @@ async fn answer(
     access_id: Arc<str>,
     fingerprint: Fingerprint,
     headers: HeaderMap,
+    upstream_auth: UpstreamAuth,
 ) -> Result<Served, Arc<FetchError>> {
     let op = request.op;
     let top_scope: Option<Arc<str>> = request.top_scope.as_deref().map(Arc::from);
@@ -245,6 +278,7 @@ async fn answer(
         top_scope,
         top_fields: request.top_fields.clone(),
         headers,
+        auth: upstream_auth,
     });
     let m = &state.metrics;
     if !revalidate.is_empty() {

@@ -319,6 +319,16 @@ async fn answer(
     let reply =
         |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
     let auth = req.headers().get(AUTHORIZATION).cloned();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let signed = match (header("accessid"), header("timestamp"), header("sign")) {
+        (Some(a), Some(t), Some(s)) => Some((a, t, s)),
+        _ => None,
+    };
     if path == QUERY_PATH {
         let at = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut s = lock(&inner.stats);
@@ -333,6 +343,17 @@ async fn answer(
         count(inner, path, 0);
         return reply(code::UNPARSEABLE);
     };
+    if let Some((id, ts, sign)) = signed {
+        // Signature auth: the same HMAC as TPNS (any TimeStamp is accepted here).
+        let ok = inner.apps.get(&id).is_some_and(|secret| {
+            crate::proxy::auth::sign(secret.as_bytes(), &ts, &id, &body) == sign
+        });
+        if !ok {
+            count(inner, path, 0);
+            return reply(code::AUTH_FAILED);
+        }
+        return authorized(inner, id, path, &body, faults, n);
+    }
     let app = match auth.as_ref().and_then(|v| basic(v.as_bytes())) {
         Some((id, secret)) => match inner.apps.get(&id) {
             Some(s) if *s == secret => id,
@@ -350,6 +371,20 @@ async fn answer(
             return reply(code::AUTH_FAILED);
         }
     };
+    authorized(inner, app, path, &body, faults, n)
+}
+
+fn authorized(
+    inner: &Arc<Inner>,
+    app: String,
+    path: &str,
+    body: &[u8],
+    faults: &Faults,
+    n: u64,
+) -> Response<ProxyBody> {
+    let shape = ErrorShape::for_path(path);
+    let reply =
+        |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
     if fires(n, faults.fail_ratio) {
         count(inner, path, 0);
         return json_response(
@@ -362,8 +397,8 @@ async fn answer(
         return reply(code::RATE_LIMITED);
     }
     match path {
-        QUERY_PATH => query(inner, &app, &body),
-        BATCHOPERATE_PATH => batchoperate(inner, &app, &body),
+        QUERY_PATH => query(inner, &app, body),
+        BATCHOPERATE_PATH => batchoperate(inner, &app, body),
         _ => {
             count(inner, path, 0);
             json_response(
@@ -392,6 +427,7 @@ fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
         &Limits {
             max_items: inner.config.max_items,
             max_identifier_bytes: crate::config::DEFAULT_MAX_IDENTIFIER_BYTES,
+            max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
         },
     ) {
         Ok(r) => r,
