@@ -104,7 +104,7 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
     let dropped: Vec<CacheKey> = match (&p.tokens, &p.accounts) {
         (None, None) => state.store.purge_app(&p.access_id).await,
         (tokens, accounts) => {
-            let keys = state.store.index().named(
+            let keys = state.store.named(
                 &app,
                 tokens.as_deref().unwrap_or_default(),
                 accounts.as_deref().unwrap_or_default(),

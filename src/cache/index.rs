@@ -1,16 +1,22 @@
-//! What is cached, by name: for each app, which cache keys carry a given account or token, and
-//! which names of the other kind each one was last seen bound to (from the cached elements, in
-//! both directions). A write through the proxy uses it to find every entry the write can make
-//! wrong, including accounts that were bound to a token before an overwrite or a remove-all.
+//! What is cached, by name, so a write can find every entry it can make wrong:
 //!
-//! Bounded by the cache itself: entries are added when moka stores an entry and removed by its
-//! eviction listener (expiry, size, explicit removal, replacement), with counts so that a
-//! replacement's add and remove cancel out in either order.
+//! - `keys`: the hash of (app, kind, name) → the cache keys carrying that name (every
+//!   `account_type`, top-level field and extra-field variant);
+//! - `reverse`: (hash of a name, hash of a cached entry's own name) for every name an entry's
+//!   element binds it to (an account entry's tokens, a token entry's accounts). The forward
+//!   direction (what a cached entry itself lists) is read from the entry when needed.
+//!
+//! Names are kept as 64-bit keyed hashes, not strings: a collision can only make an
+//! invalidation drop more than it must, never less, and the index stays small (tens of bytes
+//! per entry). It is bounded by the cache: entries are added when the store inserts and removed
+//! by moka's eviction listener (expiry, size, explicit removal, replacement), with counts so
+//! a replacement's add and remove cancel out in either order.
 //!
 //! It also keeps a per-app write epoch: a fetch that started before a write to its app must not
 //! store its (possibly old) answer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -26,7 +32,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn other(self) -> Kind {
+    pub fn other(self) -> Kind {
         match self {
             Kind::Account => Kind::Token,
             Kind::Token => Kind::Account,
@@ -34,17 +40,60 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct NameKey {
-    access_id: Arc<str>,
-    kind: Kind,
-    name: Box<str>,
+pub fn kind_and_name(ident: &Ident) -> (Kind, &str) {
+    match ident {
+        Ident::Account { account, .. } => (Kind::Account, account),
+        Ident::Token(t) => (Kind::Token, t),
+    }
+}
+
+/// The keys under one name: almost always exactly one.
+#[derive(Debug)]
+enum Slot {
+    One(CacheKey),
+    Many(Vec<CacheKey>),
+}
+
+impl Slot {
+    fn push(&mut self, key: CacheKey) {
+        match self {
+            Slot::One(k) => *self = Slot::Many(vec![k.clone(), key]),
+            Slot::Many(v) => v.push(key),
+        }
+    }
+    /// Removes one occurrence; returns whether the slot is now empty.
+    fn remove(&mut self, key: &CacheKey) -> bool {
+        match self {
+            Slot::One(k) => k == key,
+            Slot::Many(v) => {
+                if let Some(i) = v.iter().position(|k| k == key) {
+                    v.swap_remove(i);
+                }
+                match v.len() {
+                    0 => true,
+                    1 => {
+                        if let Some(last) = v.pop() {
+                            *self = Slot::One(last);
+                        }
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+    fn keys(&self) -> &[CacheKey] {
+        match self {
+            Slot::One(k) => std::slice::from_ref(k),
+            Slot::Many(v) => v,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    keys: HashMap<NameKey, HashMap<CacheKey, u32>>,
-    related: HashMap<NameKey, HashMap<Box<str>, u32>>,
+    keys: HashMap<u64, Slot>,
+    reverse: BTreeMap<(u64, u64), u32>,
     epochs: HashMap<Arc<str>, u64>,
 }
 
@@ -52,10 +101,25 @@ struct Inner {
 /// in-flight fetches of every app discard their answers once (conservative).
 const MAX_EPOCH_APPS: usize = 100_000;
 
-#[derive(Debug, Default)]
+/// Approximate bytes the index spends per cached entry (counted by the cache's weigher):
+/// one `keys` slot and about one `reverse` pair, with their tables' overhead.
+pub const INDEX_BYTES_PER_ENTRY: usize = 96;
+
+#[derive(Debug)]
 pub struct Index {
     inner: Mutex<Inner>,
+    hasher: RandomState,
     next_epoch: AtomicU64,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            inner: Mutex::new(Inner::default()),
+            hasher: RandomState::new(),
+            next_epoch: AtomicU64::new(0),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -75,15 +139,8 @@ struct BoundAccount {
     account: String,
 }
 
-fn kind_and_name(ident: &Ident) -> (Kind, &str) {
-    match ident {
-        Ident::Account { account, .. } => (Kind::Account, account),
-        Ident::Token(t) => (Kind::Token, t),
-    }
-}
-
 /// The names of the other kind an entry's element binds its identifier to.
-fn bound_names(kind: Kind, entry: &Entry) -> Vec<String> {
+pub fn bound_names(kind: Kind, entry: &Entry) -> Vec<String> {
     let Some(el) = &entry.answer.element else {
         return Vec::new();
     };
@@ -97,137 +154,85 @@ fn bound_names(kind: Kind, entry: &Entry) -> Vec<String> {
     }
 }
 
-fn bump<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, k: K) {
-    *map.entry(k).or_insert(0) += 1;
-}
-
-fn drop_one<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, k: &K) {
-    if let Some(n) = map.get_mut(k) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(k);
-        }
-    }
-}
-
 impl Index {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The relations an entry contributes: (name key of the entry, [(name key, related name)]).
-    fn relations(key: &CacheKey, entry: &Entry) -> (NameKey, Vec<(NameKey, Box<str>)>) {
+    /// The keyed hash of a name of `kind` in `access_id`.
+    pub fn name_hash(&self, access_id: &str, kind: Kind, name: &str) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        access_id.hash(&mut h);
+        kind.hash(&mut h);
+        name.hash(&mut h);
+        h.finish()
+    }
+
+    fn relations(&self, key: &CacheKey, entry: &Entry) -> (u64, Vec<u64>) {
         let (kind, name) = kind_and_name(&key.ident);
-        let own = NameKey {
-            access_id: key.access_id.clone(),
-            kind,
-            name: name.into(),
-        };
-        let mut rel = Vec::new();
-        for other in bound_names(kind, entry) {
-            rel.push((own.clone(), other.as_str().into()));
-            rel.push((
-                NameKey {
-                    access_id: key.access_id.clone(),
-                    kind: kind.other(),
-                    name: other.into_boxed_str(),
-                },
-                name.into(),
-            ));
-        }
-        (own, rel)
+        let own = self.name_hash(&key.access_id, kind, name);
+        let bound = bound_names(kind, entry)
+            .iter()
+            .map(|b| self.name_hash(&key.access_id, kind.other(), b))
+            .collect();
+        (own, bound)
     }
 
     pub fn add(&self, key: &CacheKey, entry: &Entry) {
-        let (own, rel) = Self::relations(key, entry);
+        let (own, bound) = self.relations(key, entry);
         let mut inner = self.lock();
-        bump(inner.keys.entry(own).or_default(), key.clone());
-        for (k, name) in rel {
-            bump(inner.related.entry(k).or_default(), name);
+        match inner.keys.get_mut(&own) {
+            Some(slot) => slot.push(key.clone()),
+            None => {
+                inner.keys.insert(own, Slot::One(key.clone()));
+            }
+        }
+        for b in bound {
+            *inner.reverse.entry((b, own)).or_insert(0) += 1;
         }
     }
 
     pub fn remove(&self, key: &CacheKey, entry: &Entry) {
-        let (own, rel) = Self::relations(key, entry);
+        let (own, bound) = self.relations(key, entry);
         let mut inner = self.lock();
-        if let Some(m) = inner.keys.get_mut(&own) {
-            drop_one(m, key);
-            if m.is_empty() {
-                inner.keys.remove(&own);
-            }
+        if inner
+            .keys
+            .get_mut(&own)
+            .is_some_and(|slot| slot.remove(key))
+        {
+            inner.keys.remove(&own);
         }
-        for (k, name) in rel {
-            if let Some(m) = inner.related.get_mut(&k) {
-                drop_one(m, &name);
-                if m.is_empty() {
-                    inner.related.remove(&k);
+        for b in bound {
+            if let Some(n) = inner.reverse.get_mut(&(b, own)) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.reverse.remove(&(b, own));
                 }
             }
         }
     }
 
-    /// Every cache key of `access_id` that an identifier named in `tokens`/`accounts` can have,
-    /// plus those of the names they are (as far as the cache knows) bound to.
-    pub fn affected(
-        &self,
-        access_id: &Arc<str>,
-        tokens: &[String],
-        accounts: &[String],
-    ) -> Vec<CacheKey> {
+    /// The keys carrying any of these name hashes.
+    pub fn keys_for(&self, hashes: &[u64]) -> Vec<CacheKey> {
         let inner = self.lock();
-        let mut out = Vec::new();
-        let mut collect = |kind: Kind, name: &str| {
-            let nk = NameKey {
-                access_id: access_id.clone(),
-                kind,
-                name: name.into(),
-            };
-            if let Some(keys) = inner.keys.get(&nk) {
-                out.extend(keys.keys().cloned());
-            }
-            nk
-        };
-        let mut related: Vec<(Kind, Box<str>)> = Vec::new();
-        let named = tokens
+        hashes
             .iter()
-            .map(|t| (Kind::Token, t))
-            .chain(accounts.iter().map(|a| (Kind::Account, a)));
-        for (kind, name) in named {
-            let nk = collect(kind, name);
-            if let Some(rel) = inner.related.get(&nk) {
-                related.extend(rel.keys().map(|r| (kind.other(), r.clone())));
-            }
-        }
-        for (kind, name) in related {
-            collect(kind, &name);
-        }
-        out.sort_unstable_by(|a, b| a.ident.name().cmp(b.ident.name()));
-        out.dedup();
-        out
+            .filter_map(|h| inner.keys.get(h))
+            .flat_map(|slot| slot.keys().iter().cloned())
+            .collect()
     }
 
-    /// Only the keys carrying exactly these names (no relations): for operator purges.
-    pub fn named(
-        &self,
-        access_id: &Arc<str>,
-        tokens: &[String],
-        accounts: &[String],
-    ) -> Vec<CacheKey> {
+    /// The name hashes of cached entries whose elements list any of these names.
+    pub fn listed_by(&self, hashes: &[u64]) -> Vec<u64> {
         let inner = self.lock();
-        let named = tokens
-            .iter()
-            .map(|t| (Kind::Token, t))
-            .chain(accounts.iter().map(|a| (Kind::Account, a)));
         let mut out = Vec::new();
-        for (kind, name) in named {
-            let nk = NameKey {
-                access_id: access_id.clone(),
-                kind,
-                name: name.as_str().into(),
-            };
-            if let Some(keys) = inner.keys.get(&nk) {
-                out.extend(keys.keys().cloned());
-            }
+        for &h in hashes {
+            out.extend(
+                inner
+                    .reverse
+                    .range((h, 0)..=(h, u64::MAX))
+                    .map(|((_, own), _)| *own),
+            );
         }
         out
     }
@@ -247,10 +252,9 @@ impl Index {
         inner.epochs.insert(access_id.clone(), e);
     }
 
-    /// Number of names indexed (for tests and metrics).
+    /// Number of names indexed (for tests).
     pub fn len(&self) -> usize {
-        let inner = self.lock();
-        inner.keys.len()
+        self.lock().keys.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -18,11 +18,15 @@ use tokio::time::Instant;
 use crate::api::query::{Answer, ElementCode, Ident};
 
 pub mod index;
-use index::Index;
+use index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
 
-/// Everything that can change an identifier's answer.
+/// Everything that can change an identifier's answer. A cheap handle: the cache, the reverse
+/// index and in-flight fetches share one allocation per key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey {
+pub struct CacheKey(Arc<KeyData>);
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct KeyData {
     /// The upstream base URL (access points are isolated from each other).
     pub upstream: Arc<str>,
     /// The app (Basic user / AccessId).
@@ -31,6 +35,29 @@ pub struct CacheKey {
     /// [`crate::api::query::QueryRequest::top_scope`]); shared by a whole request.
     pub top_scope: Option<Arc<str>>,
     pub ident: Ident,
+}
+
+impl CacheKey {
+    pub fn new(
+        upstream: Arc<str>,
+        access_id: Arc<str>,
+        top_scope: Option<Arc<str>>,
+        ident: Ident,
+    ) -> CacheKey {
+        CacheKey(Arc::new(KeyData {
+            upstream,
+            access_id,
+            top_scope,
+            ident,
+        }))
+    }
+}
+
+impl std::ops::Deref for CacheKey {
+    type Target = KeyData;
+    fn deref(&self) -> &KeyData {
+        &self.0
+    }
 }
 
 /// One cached answer.
@@ -129,10 +156,17 @@ impl Policy {
     }
 }
 
-/// Fixed bytes per entry beyond the key's and element's heap data: the key and entry structs,
-/// the `Arc`, and moka's own bookkeeping (its deque nodes and hash table slot), measured roughly.
-const ENTRY_OVERHEAD_BYTES: usize =
-    std::mem::size_of::<CacheKey>() + std::mem::size_of::<Entry>() + 160;
+/// Fixed bytes per entry beyond the key's and element's heap data: the key and entry structs
+/// and their `Arc`s, moka's own bookkeeping (deque nodes, hash table slot, frequency sketch),
+/// the reverse index, and the allocator's rounding. Calibrated with `examples/memprobe.rs` so
+/// that `cache.max_bytes` tracks the process's real memory growth.
+const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
+    + std::mem::size_of::<Entry>()
+    + 2 * 16
+    + MOKA_BYTES_PER_ENTRY
+    + INDEX_BYTES_PER_ENTRY;
+/// Measured moka overhead per entry (see `examples/memprobe.rs`).
+const MOKA_BYTES_PER_ENTRY: usize = 400;
 
 fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
     let bytes = ENTRY_OVERHEAD_BYTES
@@ -270,6 +304,51 @@ impl Store {
         entry
     }
 
+    /// Every key of `app` that a write naming these tokens and accounts can make wrong: their
+    /// own entries, the entries their own elements list, and the entries that list them.
+    pub async fn affected(
+        &self,
+        app: &Arc<str>,
+        tokens: &[String],
+        accounts: &[String],
+    ) -> Vec<CacheKey> {
+        let named = self.name_hashes(app, tokens, accounts);
+        let mut keys = self.index.keys_for(&named);
+        let mut related = self.index.listed_by(&named);
+        for k in &keys {
+            if let Some(entry) = self.cache.get(k).await {
+                let (kind, _) = kind_and_name(&k.ident);
+                related.extend(
+                    bound_names(kind, &entry)
+                        .iter()
+                        .map(|b| self.index.name_hash(app, kind.other(), b)),
+                );
+            }
+        }
+        keys.extend(self.index.keys_for(&related));
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        keys.retain(|k| seen.insert(k.clone()));
+        keys
+    }
+
+    /// Only the keys carrying exactly these names (operator purges).
+    pub fn named(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<CacheKey> {
+        self.index
+            .keys_for(&self.name_hashes(app, tokens, accounts))
+    }
+
+    fn name_hashes(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<u64> {
+        tokens
+            .iter()
+            .map(|t| self.index.name_hash(app, Kind::Token, t))
+            .chain(
+                accounts
+                    .iter()
+                    .map(|a| self.index.name_hash(app, Kind::Account, a)),
+            )
+            .collect()
+    }
+
     /// Drops these keys. Returns how many were present.
     pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
         let mut n = 0;
@@ -322,12 +401,12 @@ mod tests {
     use serde_json::value::RawValue;
 
     fn key(app: &str, token: &str) -> CacheKey {
-        CacheKey {
-            upstream: Arc::from("http://u"),
-            access_id: Arc::from(app),
-            top_scope: None,
-            ident: Ident::Token(token.into()),
-        }
+        CacheKey::new(
+            Arc::from("http://u"),
+            Arc::from(app),
+            None,
+            Ident::Token(token.into()),
+        )
     }
 
     fn ok() -> Answer {
@@ -431,16 +510,16 @@ mod tests {
     }
 
     fn account_key(app: &str, account: &str, t: Option<i64>) -> CacheKey {
-        CacheKey {
-            upstream: Arc::from("http://u"),
-            access_id: Arc::from(app),
-            top_scope: None,
-            ident: Ident::Account {
+        CacheKey::new(
+            Arc::from("http://u"),
+            Arc::from(app),
+            None,
+            Ident::Account {
                 account: account.into(),
                 account_type: t,
                 extra: None,
             },
-        }
+        )
     }
 
     fn el(json: &str) -> Answer {
@@ -481,15 +560,15 @@ mod tests {
         .await;
         // A write to t1 affects t1 and the account bound to it (both account_type variants),
         // and nothing of app b.
-        let affected = s.index().affected(&app, &["t1".to_owned()], &[]);
+        let affected = s.affected(&app, &["t1".to_owned()], &[]).await;
         assert_eq!(affected.len(), 3, "{affected:?}");
         assert!(affected.iter().all(|k| &*k.access_id == "a"));
         // A write to account "old" reaches the tokens it is bound to.
-        let affected = s.index().affected(&app, &[], &["old".to_owned()]);
+        let affected = s.affected(&app, &[], &["old".to_owned()]).await;
         assert_eq!(affected.len(), 4, "{affected:?}");
         assert_eq!(s.invalidate(&affected).await, 4);
         s.sync().await;
-        assert!(s.index().affected(&app, &["t1".to_owned()], &[]).is_empty());
+        assert!(s.affected(&app, &["t1".to_owned()], &[]).await.is_empty());
         assert_eq!(s.index().len(), 1, "only app b's t1 is left");
         assert_eq!(s.purge_app("b").await.len(), 1);
         s.sync().await;
@@ -511,8 +590,8 @@ mod tests {
         )
         .await;
         s.sync().await;
-        assert_eq!(s.index().affected(&app, &[], &["y".to_owned()]).len(), 1);
-        assert!(s.index().affected(&app, &[], &["x".to_owned()]).is_empty());
+        assert_eq!(s.affected(&app, &[], &["y".to_owned()]).await.len(), 1);
+        assert!(s.affected(&app, &[], &["x".to_owned()]).await.is_empty());
     }
 
     #[tokio::test]

@@ -74,9 +74,8 @@ pub async fn invalidate(
     accounts: &[String],
     source: &'static str,
 ) -> Vec<CacheKey> {
-    let index = state.store.index();
-    index.bump_epoch(app);
-    let keys = index.affected(app, tokens, accounts);
+    state.store.index().bump_epoch(app);
+    let keys = state.store.affected(app, tokens, accounts).await;
     let dropped = state.store.invalidate(&keys).await;
     state
         .metrics

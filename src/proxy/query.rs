@@ -229,12 +229,12 @@ async fn answer(
     for item in &request.items {
         let idx = *seen.entry(&item.ident).or_insert_with(|| {
             uniques.push(Unique {
-                key: CacheKey {
-                    upstream: state.upstream_id.clone(),
-                    access_id: access_id.clone(),
-                    top_scope: top_scope.clone(),
-                    ident: item.ident.clone(),
-                },
+                key: CacheKey::new(
+                    state.upstream_id.clone(),
+                    access_id.clone(),
+                    top_scope.clone(),
+                    item.ident.clone(),
+                ),
                 raw: &item.raw,
                 answer: None,
                 fallback: None,
