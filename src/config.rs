@@ -20,6 +20,7 @@ pub const ENV_CONFIG_FILE: &str = "TPNS_CACHE_CONFIG";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The Guangzhou access point, TPNS's default.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.tpns.tencent.com";
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +69,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
     pub admin_listen: SocketAddr,
+    /// On SIGTERM/SIGINT: stop accepting, report not-ready, and give in-flight requests this long
+    /// to finish before exiting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub query: QueryConfig,
@@ -339,6 +344,7 @@ impl Default for Config {
         Config {
             listen: parse_addr(DEFAULT_LISTEN),
             admin_listen: parse_addr(DEFAULT_ADMIN_LISTEN),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             upstream: UpstreamConfig {
                 url: DEFAULT_UPSTREAM_URL.to_owned(),
                 region: None,
@@ -464,6 +470,9 @@ impl Config {
         let mut problems = Vec::new();
         if let Err(why) = crate::upstream::UpstreamBase::parse(&self.upstream.url) {
             problems.push(format!("upstream.url: {why}"));
+        }
+        if self.shutdown_grace > Duration::from_secs(600) {
+            problems.push("shutdown_grace: must be at most 10m".to_owned());
         }
         if self.upstream.timeout.is_zero() {
             problems.push("upstream.timeout: must be greater than 0".to_owned());

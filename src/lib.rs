@@ -93,7 +93,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
     let upstream = upstream::Upstream::new(&config.upstream).map_err(RunError::Upstream)?;
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)?;
-    let store = Store::new(
+    let store = Store::with_eviction_counter(
         config.cache.max_bytes.as_u64(),
         Policy {
             ttl: config.cache.ttl,
@@ -103,6 +103,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
             ttl_jitter: config.cache.ttl_jitter,
         },
         clock,
+        Some(metrics.evictions.clone()),
     );
     let admin_token = config.admin_token().map_err(RunError::Secret)?;
     let credentials = proxy::auth::Credentials::new(
@@ -154,7 +155,7 @@ pub async fn run_with_clock(
             .unwrap_or(usize::MAX),
         max_connections: config.limits.max_connections,
         tls: tls(&config.tls)?,
-        ..ServeOptions::default()
+        drain_grace: config.shutdown_grace,
     };
     let admin_opts = ServeOptions {
         max_connections: 256,

@@ -160,6 +160,33 @@ pub struct Metrics {
     pub inflight_fetches: IntGauge,
     pub invalidated: IntCounterVec,
     pub fetch_discarded: IntCounter,
+    pub responses: IntCounterVec,
+    pub evictions: IntCounterVec,
+}
+
+/// The `class` label of `tpns_cache_responses_total`: what a TPNS client makes of the answer.
+pub fn ret_class(ret_code: i64) -> &'static str {
+    use crate::api::code;
+    match ret_code {
+        code::OK => "ok",
+        code::BATCH_PARTLY_FAILED => "batch_partial",
+        code::BATCH_ALL_FAILED => "batch_failed",
+        code::UNPARSEABLE | code::MISSING_PARAMETER | code::INVALID_PARAMETER => "invalid",
+        code::AUTH_FAILED | code::KEY_MISMATCH => "auth",
+        code::RATE_LIMITED => "rate_limited",
+        code::INTERNAL_CALL_FAILED => "upstream_error",
+        _ => "other",
+    }
+}
+
+/// The `class` label for a response whose body the proxy did not read: its HTTP status class.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "http_2xx",
+        300..=399 => "http_3xx",
+        400..=499 => "http_4xx",
+        _ => "http_5xx",
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -285,8 +312,26 @@ impl Metrics {
             "tpns_cache_fetch_discarded_total",
             "Fetched answers not cached because a write to their app happened while in flight.",
         )?;
+        let responses = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_responses_total",
+                "Responses by route and class: the retCode class where the proxy knows it \
+                 (ok, batch_partial, batch_failed, invalid, auth, rate_limited, upstream_error, \
+                 other), else the HTTP status class (http_2xx … http_5xx).",
+            ),
+            &["route", "class"],
+        )?;
+        let evictions = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_evictions_total",
+                "Entries leaving the cache, by cause (expired, size, explicit, replaced).",
+            ),
+            &["cause"],
+        )?;
         for c in [
-            Box::new(invalidated.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(responses.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(evictions.clone()),
+            Box::new(invalidated.clone()),
             Box::new(fetch_discarded.clone()),
             Box::new(stale_served.clone()),
             Box::new(refreshes.clone()),
@@ -333,6 +378,8 @@ impl Metrics {
             inflight_fetches,
             invalidated,
             fetch_discarded,
+            responses,
+            evictions,
         })
     }
 

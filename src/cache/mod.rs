@@ -217,14 +217,33 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     pub fn new(max_bytes: u64, policy: Policy, clock: Clock) -> Store {
+        Store::with_eviction_counter(max_bytes, policy, clock, None)
+    }
+
+    /// A store that counts removals by cause (`expired`, `size`, `explicit`, `replaced`).
+    pub fn with_eviction_counter(
+        max_bytes: u64,
+        policy: Policy,
+        clock: Clock,
+        evictions: Option<prometheus::IntCounterVec>,
+    ) -> Store {
         let index = Arc::new(Index::default());
         let listener_index = index.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(weigh)
             .expire_after(EntryExpiry)
-            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, _cause| {
+            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
                 listener_index.remove(&key, &entry);
+                if let Some(c) = &evictions {
+                    let cause = match cause {
+                        moka::notification::RemovalCause::Expired => "expired",
+                        moka::notification::RemovalCause::Size => "size",
+                        moka::notification::RemovalCause::Explicit => "explicit",
+                        moka::notification::RemovalCause::Replaced => "replaced",
+                    };
+                    c.with_label_values(&[cause]).inc();
+                }
             })
             .build();
         Store {

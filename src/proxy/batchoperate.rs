@@ -153,11 +153,10 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
     }
     let (resp, outcome) = match forward_buffered(state, parts, bytes, inject.as_ref()).await {
         Ok((head, body)) => {
-            let accepted = head.status == http::StatusCode::OK
-                && serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("ret_code").and_then(Value::as_i64))
-                    == Some(0);
+            let ret_code = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("ret_code").and_then(Value::as_i64));
+            let accepted = head.status == http::StatusCode::OK && ret_code == Some(0);
             if let (Some((app, tokens, accounts)), true) = (named, accepted) {
                 if !trusted {
                     invalidate(state, &app, &tokens, &accounts, "batchoperate").await;

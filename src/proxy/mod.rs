@@ -20,7 +20,7 @@ use crate::api::error::ProxyError;
 use crate::api::{ErrorShape, BATCHOPERATE_PATH, QUERY_PATH};
 use crate::cache::Store;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Route};
 use crate::upstream::{full, ProxyBody, Upstream};
 
 /// The `Cache-Status` header name (RFC 9211).
@@ -44,15 +44,31 @@ pub struct State {
     pub admin_token: Option<crate::config::Secret>,
 }
 
+/// The TPNS `retCode` of a response, where the proxy knows it (a response extension read by
+/// the router for `tpns_cache_responses_total`).
+#[derive(Debug, Clone, Copy)]
+pub struct RetCode(pub i64);
+
 /// Routes one request.
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
-    if req.method() == Method::POST && req.uri().path() == QUERY_PATH {
-        query::handle(&state, req).await
-    } else if req.method() == Method::POST && req.uri().path() == BATCHOPERATE_PATH {
-        batchoperate::handle(&state, req).await
+    let is_post = req.method() == Method::POST;
+    let (route, resp) = if is_post && req.uri().path() == QUERY_PATH {
+        (Route::Query, query::handle(&state, req).await)
+    } else if is_post && req.uri().path() == BATCHOPERATE_PATH {
+        (Route::Other, batchoperate::handle(&state, req).await)
     } else {
-        passthrough::handle(&state, req).await
-    }
+        (Route::Other, passthrough::handle(&state, req).await)
+    };
+    let class = match resp.extensions().get::<RetCode>() {
+        Some(c) => crate::metrics::ret_class(c.0),
+        None => crate::metrics::status_class(resp.status()),
+    };
+    state
+        .metrics
+        .responses
+        .with_label_values(&[route.as_str(), class])
+        .inc();
+    resp
 }
 
 /// A JSON response.
@@ -67,6 +83,7 @@ pub fn json_response(status: http::StatusCode, body: impl Into<Bytes>) -> Respon
 /// The TPNS-shaped answer for an error of ours (with `Retry-After` where it applies).
 pub fn error_response(shape: ErrorShape, e: &ProxyError) -> Response<ProxyBody> {
     let mut resp = json_response(e.status(), e.body(shape));
+    resp.extensions_mut().insert(RetCode(e.ret_code()));
     if let Some(after) = e.retry_after() {
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         resp.headers_mut()

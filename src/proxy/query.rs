@@ -23,7 +23,9 @@ use serde_json::value::RawValue;
 
 use super::auth::{ClientAuth, Fingerprint, UpstreamAuth};
 use super::fetch::{self, FetchError, RequestContext};
-use super::{cache_status, error_response, json_response, passthrough, State, CACHE_STATUS};
+use super::{
+    cache_status, error_response, json_response, passthrough, RetCode, State, CACHE_STATUS,
+};
 use crate::api::error::ProxyError;
 use crate::api::query::{
     parse_request, stitch, top_level_code, Answer, Ident, Limits, QueryRequest,
@@ -121,6 +123,7 @@ async fn serve(
     {
         Ok(served) => {
             let mut resp = json_response(StatusCode::OK, served.body);
+            resp.extensions_mut().insert(RetCode(served.ret_code));
             resp.headers_mut()
                 .insert(CACHE_STATUS, cache_status(&served.cache_status));
             (resp, served.outcome)
@@ -129,6 +132,7 @@ async fn serve(
             FetchError::Refused { ret_code, body } => {
                 // The upstream's own answer, unchanged: what the client would have got without us.
                 let mut resp = json_response(StatusCode::OK, body.clone());
+                resp.extensions_mut().insert(RetCode(*ret_code));
                 resp.headers_mut().insert(
                     CACHE_STATUS,
                     HeaderValue::from_static("tpns-cache; fwd=miss; detail=\"upstream refused\""),
@@ -206,6 +210,7 @@ struct Unique<'r> {
 }
 
 struct Served {
+    ret_code: i64,
     body: Vec<u8>,
     cache_status: String,
     outcome: RequestOutcome,
@@ -400,6 +405,7 @@ async fn answer(
         )
     };
     Ok(Served {
+        ret_code,
         body,
         cache_status: params,
         outcome,
