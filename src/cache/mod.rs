@@ -168,7 +168,8 @@ const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
 /// Measured moka overhead per entry (see `examples/memprobe.rs`).
 const MOKA_BYTES_PER_ENTRY: usize = 400;
 
-fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
+/// What the cache charges against `cache.max_bytes` for one entry.
+pub fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
     let bytes = ENTRY_OVERHEAD_BYTES
         + key.ident.heap_bytes()
         + entry.answer.element.as_ref().map_or(0, |e| e.get().len());
