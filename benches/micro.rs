@@ -17,7 +17,10 @@ const LIMITS: Limits = Limits {
 
 fn body(n: usize) -> String {
     let list: Vec<String> = (0..n).map(|i| format!("\"tok-{i:08}\"")).collect();
-    format!("{{\"operator_type\":2,\"token_list\":[{}]}}", list.join(","))
+    format!(
+        "{{\"operator_type\":2,\"token_list\":[{}]}}",
+        list.join(",")
+    )
 }
 
 fn element(i: usize) -> Box<RawValue> {
@@ -41,7 +44,14 @@ fn parse_and_key(c: &mut Criterion) {
                 let keys: Vec<CacheKey> = req
                     .items
                     .iter()
-                    .map(|i| CacheKey::new(upstream.clone(), app.clone(), scope.clone(), i.ident.clone()))
+                    .map(|i| {
+                        CacheKey::new(
+                            upstream.clone(),
+                            app.clone(),
+                            scope.clone(),
+                            i.ident.clone(),
+                        )
+                    })
                     .collect();
                 black_box(keys)
             })
@@ -51,7 +61,9 @@ fn parse_and_key(c: &mut Criterion) {
 }
 
 fn stitch_cached(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let store = Store::new(
         1 << 30,
         Policy::fresh_only(Duration::from_secs(3600), Duration::from_secs(3600)),
@@ -93,7 +105,8 @@ fn stitch_cached(c: &mut Criterion) {
                         }
                     }
                     let answers: Vec<&Answer> = entries.iter().map(|e| &e.answer).collect();
-                    let code = top_level_code(answers.iter().map(|a| &a.code), 1_008_026, 1_008_027);
+                    let code =
+                        top_level_code(answers.iter().map(|a| &a.code), 1_008_026, 1_008_027);
                     black_box(stitch(req.op, code, answers.iter().copied()))
                 })
             })

@@ -91,7 +91,8 @@ fn runtime(name: &str) -> Runtime {
 fn auth() -> String {
     format!(
         "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{DEMO_ACCESS_ID}:{DEMO_SECRET_KEY}"))
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{DEMO_ACCESS_ID}:{DEMO_SECRET_KEY}"))
     )
 }
 
@@ -156,9 +157,7 @@ fn start_proxy(upstream: SocketAddr, max_bytes: u64) -> Proxy {
     c.cache.max_bytes = bytesize::ByteSize::b(max_bytes);
     c.shield.calls_per_second = 0;
     c.log.level = "warn".to_owned();
-    let listeners = rt
-        .block_on(tpns_cache::Listeners::bind(&c))
-        .expect("bind");
+    let listeners = rt.block_on(tpns_cache::Listeners::bind(&c)).expect("bind");
     let addr = listeners.proxy.local_addr().expect("addr");
     let admin = listeners.admin.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -259,9 +258,11 @@ fn drive(rt: &Runtime, url: &str, bodies: Arc<Vec<Bytes>>, concurrency: usize) -
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
-            let (client, next, bodies, url) = (client.clone(), next.clone(), bodies.clone(), url.clone());
+            let (client, next, bodies, url) =
+                (client.clone(), next.clone(), bodies.clone(), url.clone());
             tasks.push(tokio::spawn(async move {
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                let mut hist =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
                 let (mut n, mut errors) = (0usize, 0usize);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -277,7 +278,10 @@ fn drive(rt: &Runtime, url: &str, bodies: Arc<Vec<Bytes>>, concurrency: usize) -
                             let status = resp.status();
                             let body = resp.into_body().collect().await.map(|b| b.to_bytes());
                             status == StatusCode::OK
-                                && body.is_ok_and(|b| b.starts_with(b"{\"retCode\":0") || b.starts_with(b"{\"retCode\":1008026"))
+                                && body.is_ok_and(|b| {
+                                    b.starts_with(b"{\"retCode\":0")
+                                        || b.starts_with(b"{\"retCode\":1008026")
+                                })
                         }
                         Err(_) => false,
                     };
@@ -320,7 +324,11 @@ fn send_once(rt: &Runtime, url: &str, body: Bytes) -> (StatusCode, Bytes, String
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        (status, resp.into_body().collect().await.expect("body").to_bytes(), cs)
+        (
+            status,
+            resp.into_body().collect().await.expect("body").to_bytes(),
+            cs,
+        )
     })
 }
 
@@ -331,8 +339,15 @@ fn scrape_sum(rt: &Runtime, admin: SocketAddr, metric: &str, filter: &str) -> f6
             .body(Full::new(Bytes::new()))
             .expect("request");
         let resp = client(1).request(req).await.expect("scrape");
-        String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec())
-            .expect("utf-8")
+        String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+                .to_vec(),
+        )
+        .expect("utf-8")
     });
     text.lines()
         .filter(|l| l.starts_with(metric) && l.contains(filter))
@@ -432,7 +447,9 @@ fn lru_hit_ratio(seq: &[usize], capacity: usize) -> f64 {
 
 /// Bytes the cache charges for one simulator token answer (to size it in entries).
 fn entry_weight() -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
     rt.block_on(async {
         let store = Store::new(1 << 20, Policy::fresh_only(Duration::from_secs(1), Duration::from_secs(1)), Clock::default());
         let key = CacheKey::new(
@@ -456,7 +473,10 @@ fn entry_weight() -> u64 {
 
 fn all_hit(args: &Args, report: &mut serde_json::Map<String, Value>) {
     println!("\n== all-hit: fully cached batches vs a plain hyper server returning the same bytes (concurrency {})", args.concurrency);
-    println!("{:>6} {:>12} {:>12} {:>8} {:>10} {:>10}", "batch", "proxy req/s", "plain req/s", "ratio", "proxy p99", "plain p99");
+    println!(
+        "{:>6} {:>12} {:>12} {:>8} {:>10} {:>10}",
+        "batch", "proxy req/s", "plain req/s", "ratio", "proxy p99", "plain p99"
+    );
     let sim = start_sim(1000);
     let proxy = start_proxy(sim.addr, 64 << 20);
     let load = runtime("load");
@@ -467,13 +487,28 @@ fn all_hit(args: &Args, report: &mut serde_json::Map<String, Value>) {
         let url = format!("http://{}/v3/device/account/query", proxy.addr);
         send_once(&load, &url, body.clone());
         let (status, cached, cs) = send_once(&load, &url, body.clone());
-        assert!(status == StatusCode::OK && cs.contains("; hit;"), "not a hit: {cs}");
+        assert!(
+            status == StatusCode::OK && cs.contains("; hit;"),
+            "not a hit: {cs}"
+        );
         let bodies = Arc::new(vec![body; args.hit_requests]);
         let p = drive(&load, &url, bodies.clone(), args.concurrency);
         let base = start_baseline(cached);
-        let b = drive(&load, &format!("http://{}/", base.addr), bodies, args.concurrency);
+        let b = drive(
+            &load,
+            &format!("http://{}/", base.addr),
+            bodies,
+            args.concurrency,
+        );
         let ratio = p.rps() / b.rps();
-        println!("{n:>6} {:>12.0} {:>12.0} {:>8.2} {:>8.2}ms {:>8.2}ms", p.rps(), b.rps(), ratio, p.ms(0.99), b.ms(0.99));
+        println!(
+            "{n:>6} {:>12.0} {:>12.0} {:>8.2} {:>8.2}ms {:>8.2}ms",
+            p.rps(),
+            b.rps(),
+            ratio,
+            p.ms(0.99),
+            b.ms(0.99)
+        );
         assert_eq!(p.errors + b.errors, 0, "errors during all-hit");
         rows.push(json!({"batch": n, "proxy": p.json(), "plain_hyper": b.json(), "ratio": ratio}));
     }
@@ -491,8 +526,14 @@ fn zipf(args: &Args, report: &mut serde_json::Map<String, Value>) {
     let seq = lookups(&trace);
     let belady = belady_hit_ratio(&seq, capacity);
     let lru = lru_hit_ratio(&seq, capacity);
-    println!("trace: {} lookups, {} distinct; offline Bélády {:.4}, LRU {:.4} ({:.1}s)",
-        seq.len(), seq.iter().collect::<HashSet<_>>().len(), belady, lru, t0.elapsed().as_secs_f64());
+    println!(
+        "trace: {} lookups, {} distinct; offline Bélády {:.4}, LRU {:.4} ({:.1}s)",
+        seq.len(),
+        seq.iter().collect::<HashSet<_>>().len(),
+        belady,
+        lru,
+        t0.elapsed().as_secs_f64()
+    );
     let sim = start_sim(args.ids);
     let weight = entry_weight();
     let proxy = start_proxy(sim.addr, weight * capacity as u64);
@@ -503,18 +544,53 @@ fn zipf(args: &Args, report: &mut serde_json::Map<String, Value>) {
     let bodies: Arc<Vec<Bytes>> = Arc::new(trace.iter().map(|b| tokens_body(b)).collect());
     let r = drive(&load, &url, bodies, args.concurrency);
     let stats = sim.sim.stats();
-    let spared = scrape_sum(&load, proxy.admin, "tpns_cache_lookups_total{", "outcome=\"hit\"")
-        + scrape_sum(&load, proxy.admin, "tpns_cache_lookups_total{", "outcome=\"negative_hit\"")
-        + scrape_sum(&load, proxy.admin, "tpns_cache_lookups_total{", "outcome=\"coalesced\"")
-        + scrape_sum(&load, proxy.admin, "tpns_cache_lookups_total{", "outcome=\"stale\"");
+    let spared = scrape_sum(
+        &load,
+        proxy.admin,
+        "tpns_cache_lookups_total{",
+        "outcome=\"hit\"",
+    ) + scrape_sum(
+        &load,
+        proxy.admin,
+        "tpns_cache_lookups_total{",
+        "outcome=\"negative_hit\"",
+    ) + scrape_sum(
+        &load,
+        proxy.admin,
+        "tpns_cache_lookups_total{",
+        "outcome=\"coalesced\"",
+    ) + scrape_sum(
+        &load,
+        proxy.admin,
+        "tpns_cache_lookups_total{",
+        "outcome=\"stale\"",
+    );
     let total = scrape_sum(&load, proxy.admin, "tpns_cache_lookups_total{", "");
     let hit = spared / total;
     let upstream_ids = stats.identifiers("/v3/device/account/query");
     let upstream_calls = stats.requests("/v3/device/account/query");
-    println!("{:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>8} {:>8}", "req/s", "p50", "p99", "p99.9", "hit", "Bélády", "upstream", "calls", "errors");
-    println!("{:>10.0} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>9.4} {:>10.4} {:>11} {:>8} {:>8}",
-        r.rps(), r.ms(0.5), r.ms(0.99), r.ms(0.999), hit, belady, upstream_ids, upstream_calls, r.errors);
-    println!("hit ratio / Bélády = {:.3}; hit ratio vs LRU: {:.4} vs {:.4}", hit / belady, hit, lru);
+    println!(
+        "{:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11} {:>8} {:>8}",
+        "req/s", "p50", "p99", "p99.9", "hit", "Bélády", "upstream", "calls", "errors"
+    );
+    println!(
+        "{:>10.0} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>9.4} {:>10.4} {:>11} {:>8} {:>8}",
+        r.rps(),
+        r.ms(0.5),
+        r.ms(0.99),
+        r.ms(0.999),
+        hit,
+        belady,
+        upstream_ids,
+        upstream_calls,
+        r.errors
+    );
+    println!(
+        "hit ratio / Bélády = {:.3}; hit ratio vs LRU: {:.4} vs {:.4}",
+        hit / belady,
+        hit,
+        lru
+    );
     report.insert("zipf".into(), json!({
         "ids": args.ids, "exponent": args.exponent, "requests": args.requests,
         "capacity_entries": capacity, "max_bytes": weight * capacity as u64, "entry_weight": weight,
@@ -536,7 +612,10 @@ fn cold_burst(args: &Args, report: &mut serde_json::Map<String, Value>) {
     let url = format!("http://{}/v3/device/account/query", proxy.addr);
     send_once(&load, &url, tokens_body(&[POOL - 1]));
     sim.sim.reset_stats();
-    sim.sim.set_faults(Faults { latency_ms: 20, ..Faults::default() });
+    sim.sim.set_faults(Faults {
+        latency_ms: 20,
+        ..Faults::default()
+    });
     let mut rng = fastrand::Rng::with_seed(args.seed);
     let batches: Vec<Vec<usize>> = (0..CLIENTS * BATCHES)
         .map(|_| (0..50).map(|_| rng.usize(0..POOL - 1)).collect())
@@ -545,15 +624,23 @@ fn cold_burst(args: &Args, report: &mut serde_json::Map<String, Value>) {
     let bodies = Arc::new(batches.iter().map(|b| tokens_body(b)).collect::<Vec<_>>());
     let r = drive(&load, &url, bodies, CLIENTS);
     let upstream_ids = sim.sim.stats().identifiers("/v3/device/account/query");
-    let coalesced = scrape_sum(&load, proxy.admin, "tpns_cache_lookups_total{", "outcome=\"coalesced\"");
+    let coalesced = scrape_sum(
+        &load,
+        proxy.admin,
+        "tpns_cache_lookups_total{",
+        "outcome=\"coalesced\"",
+    );
     let ratio = upstream_ids as f64 / distinct.len() as f64;
     println!("distinct ids {}, upstream ids {}, ratio {:.2}; coalesced lookups {}; {:.0} req/s, p99 {:.1}ms, errors {}",
         distinct.len(), upstream_ids, ratio, coalesced, r.rps(), r.ms(0.99), r.errors);
-    report.insert("cold_burst".into(), json!({
-        "clients": CLIENTS, "requests": r.requests, "distinct_identifiers": distinct.len(),
-        "upstream_identifiers": upstream_ids, "ratio": ratio, "coalesced_lookups": coalesced,
-        "run": r.json(),
-    }));
+    report.insert(
+        "cold_burst".into(),
+        json!({
+            "clients": CLIENTS, "requests": r.requests, "distinct_identifiers": distinct.len(),
+            "upstream_identifiers": upstream_ids, "ratio": ratio, "coalesced_lookups": coalesced,
+            "run": r.json(),
+        }),
+    );
 }
 
 fn direct(args: &Args, report: &mut serde_json::Map<String, Value>) {
@@ -563,28 +650,61 @@ fn direct(args: &Args, report: &mut serde_json::Map<String, Value>) {
     let sim = start_sim(args.ids);
     let load = runtime("load");
     let bodies: Arc<Vec<Bytes>> = Arc::new(trace.iter().map(|b| tokens_body(b)).collect());
-    let d = drive(&load, &format!("http://{}/v3/device/account/query", sim.addr), bodies.clone(), args.concurrency);
+    let d = drive(
+        &load,
+        &format!("http://{}/v3/device/account/query", sim.addr),
+        bodies.clone(),
+        args.concurrency,
+    );
     // A proxy whose cache holds nothing: every request is a miss.
     let proxy = start_proxy(sim.addr, 1 << 20);
     let url = format!("http://{}/v3/device/account/query", proxy.addr);
     send_once(&load, &url, tokens_body(&[0]));
     let p = drive(&load, &url, bodies, args.concurrency);
     println!("{:>12} {:>10} {:>9} {:>9}", "", "req/s", "p50", "p99");
-    println!("{:>12} {:>10.0} {:>7.2}ms {:>7.2}ms", "direct", d.rps(), d.ms(0.5), d.ms(0.99));
-    println!("{:>12} {:>10.0} {:>7.2}ms {:>7.2}ms", "proxy, miss", p.rps(), p.ms(0.5), p.ms(0.99));
-    println!("added on a miss: p50 {:+.2}ms, p99 {:+.2}ms", p.ms(0.5) - d.ms(0.5), p.ms(0.99) - d.ms(0.99));
-    report.insert("direct".into(), json!({"direct": d.json(), "proxy_miss": p.json(),
-        "added_p50_ms": p.ms(0.5) - d.ms(0.5), "added_p99_ms": p.ms(0.99) - d.ms(0.99)}));
+    println!(
+        "{:>12} {:>10.0} {:>7.2}ms {:>7.2}ms",
+        "direct",
+        d.rps(),
+        d.ms(0.5),
+        d.ms(0.99)
+    );
+    println!(
+        "{:>12} {:>10.0} {:>7.2}ms {:>7.2}ms",
+        "proxy, miss",
+        p.rps(),
+        p.ms(0.5),
+        p.ms(0.99)
+    );
+    println!(
+        "added on a miss: p50 {:+.2}ms, p99 {:+.2}ms",
+        p.ms(0.5) - d.ms(0.5),
+        p.ms(0.99) - d.ms(0.99)
+    );
+    report.insert(
+        "direct".into(),
+        json!({"direct": d.json(), "proxy_miss": p.json(),
+        "added_p50_ms": p.ms(0.5) - d.ms(0.5), "added_p99_ms": p.ms(0.99) - d.ms(0.99)}),
+    );
 }
 
 fn replay(args: &Args, report: &mut serde_json::Map<String, Value>) {
-    let target = args.target.clone().expect("--target URL is required for replay");
+    let target = args
+        .target
+        .clone()
+        .expect("--target URL is required for replay");
     let trace = zipf_trace(args.ids, args.exponent, args.requests, args.seed);
     let load = runtime("load");
     let bodies: Arc<Vec<Bytes>> = Arc::new(trace.iter().map(|b| tokens_body(b)).collect());
     let url = format!("{}/v3/device/account/query", target.trim_end_matches('/'));
     let r = drive(&load, &url, bodies, args.concurrency);
-    println!("replay {url}: {:.0} req/s, p50 {:.2}ms, p99 {:.2}ms, errors {}", r.rps(), r.ms(0.5), r.ms(0.99), r.errors);
+    println!(
+        "replay {url}: {:.0} req/s, p50 {:.2}ms, p99 {:.2}ms, errors {}",
+        r.rps(),
+        r.ms(0.5),
+        r.ms(0.99),
+        r.errors
+    );
     report.insert("replay".into(), json!({"target": target, "run": r.json()}));
 }
 
@@ -593,11 +713,17 @@ fn main() {
     tpns_cache::install_crypto_provider();
     let mut report = serde_json::Map::new();
     report.insert("args".into(), json!(format!("{args:?}")));
-    report.insert("cpus".into(), json!(std::thread::available_parallelism().map_or(0, |n| n.get())));
+    report.insert(
+        "cpus".into(),
+        json!(std::thread::available_parallelism().map_or(0, |n| n.get())),
+    );
     let all = args.scenario == "all";
     let mut ran = false;
     for (name, f) in [
-        ("all-hit", all_hit as fn(&Args, &mut serde_json::Map<String, Value>)),
+        (
+            "all-hit",
+            all_hit as fn(&Args, &mut serde_json::Map<String, Value>),
+        ),
         ("zipf", zipf),
         ("cold-burst", cold_burst),
         ("direct", direct),
@@ -618,8 +744,11 @@ fn main() {
     if let Some(dir) = args.report.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::write(&args.report, serde_json::to_string_pretty(&Value::Object(report)).expect("json"))
-        .expect("write report");
+    std::fs::write(
+        &args.report,
+        serde_json::to_string_pretty(&Value::Object(report)).expect("json"),
+    )
+    .expect("write report");
     println!("\nreport: {}", args.report.display());
     let _ = VecDeque::<u8>::new();
 }

@@ -549,6 +549,13 @@ pub fn parse_upstream_answer(
         if matched[i].is_some() {
             return Err(malformed("two elements answer one identifier".to_owned()));
         }
+        // Syntax alone is not enough: a number no JSON parser can represent (found by fuzzing)
+        // would be cached and served to clients that cannot read it.
+        if serde_json::from_str::<serde_json::Value>(el.get()).is_err() {
+            return Err(malformed(
+                "an element holds a value out of range".to_owned(),
+            ));
+        }
         matched[i] = Some(el.to_owned());
     }
     let mut answers = Vec::with_capacity(sent.len());
@@ -870,6 +877,19 @@ mod tests {
                 parse_upstream_answer(Op::TokenAccounts, &refs, b.as_bytes(), &[0]).expect_err(&b);
             assert_eq!(e.ret_code(), 1_008_004, "{b}");
         }
+    }
+
+    /// Regression (fuzz: parse_upstream_answer, crash-f0d67e9b): an element with a number out
+    /// of f64 range inside an unknown field was accepted, cached and stitched into output that
+    /// strict JSON parsers reject.
+    #[test]
+    fn elements_with_unrepresentable_numbers_are_refused() {
+        let sent = ids(&["t0", "t1"]);
+        let refs: Vec<&Ident> = sent.iter().collect();
+        let body = br#"{"retCode":1008026,"errMsg":"x","result":["0","1008006"],"account_tens":null,"token_accounts":[{"token":"t0","x":[{"n":1.111111111111111111111116916566e883338888271}]}]}"#;
+        let e = parse_upstream_answer(Op::TokenAccounts, &refs, body, &[0, 1_008_026])
+            .expect_err("refused");
+        assert_eq!(e.ret_code(), 1_008_004);
     }
 
     #[test]

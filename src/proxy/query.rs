@@ -27,9 +27,7 @@ use super::{
     cache_status, error_response, json_response, passthrough, RetCode, State, CACHE_STATUS,
 };
 use crate::api::error::ProxyError;
-use crate::api::query::{
-    parse_request, stitch, top_level_code, Answer, Ident, Limits, QueryRequest,
-};
+use crate::api::query::{parse_request, stitch, top_level_code, Answer, Limits, QueryRequest};
 use crate::api::{code, ErrorShape};
 use crate::cache::{CacheKey, Entry, Lookup};
 use crate::config::LimitsConfig;
@@ -113,7 +111,7 @@ async fn serve(
     let headers = upstream_headers(&parts.headers);
     match answer(
         state,
-        &request,
+        request,
         access_id,
         fingerprint,
         headers,
@@ -200,10 +198,10 @@ fn upstream_headers(client: &HeaderMap) -> HeaderMap {
 }
 
 /// One distinct identifier of the request.
-struct Unique<'r> {
+struct Unique {
     key: CacheKey,
     /// The element as the client wrote it (sent upstream verbatim).
-    raw: &'r RawValue,
+    raw: Box<RawValue>,
     answer: Option<Arc<Entry>>,
     /// A stale entry to serve only if the upstream cannot answer (stale-if-error).
     fallback: Option<Arc<Entry>>,
@@ -218,29 +216,37 @@ struct Served {
 
 async fn answer(
     state: &Arc<State>,
-    request: &QueryRequest,
+    request: QueryRequest,
     access_id: Arc<str>,
     fingerprint: Fingerprint,
     headers: HeaderMap,
     upstream_auth: UpstreamAuth,
 ) -> Result<Served, Arc<FetchError>> {
-    let op = request.op;
-    let top_scope: Option<Arc<str>> = request.top_scope.as_deref().map(Arc::from);
+    let QueryRequest {
+        op,
+        top_fields,
+        top_scope,
+        items,
+    } = request;
+    let top_scope: Option<Arc<str>> = top_scope.map(Arc::from);
 
-    // Split: one key per distinct identifier; `positions` maps request order onto them.
-    let mut uniques: Vec<Unique> = Vec::with_capacity(request.items.len());
-    let mut positions: Vec<usize> = Vec::with_capacity(request.items.len());
-    let mut seen: HashMap<&Ident, usize> = HashMap::with_capacity(request.items.len());
-    for item in &request.items {
-        let idx = *seen.entry(&item.ident).or_insert_with(|| {
+    // Split: one key per distinct identifier; `positions` maps request order onto them. The
+    // identifiers and elements move out of the request into the keys (no copies).
+    let mut uniques: Vec<Unique> = Vec::with_capacity(items.len());
+    let mut positions: Vec<usize> = Vec::with_capacity(items.len());
+    let mut seen: HashMap<CacheKey, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
+    for item in items {
+        let key = CacheKey::new(
+            state.upstream_id.clone(),
+            access_id.clone(),
+            top_scope.clone(),
+            item.ident,
+        );
+        let idx = *seen.entry(key.clone()).or_insert_with(|| {
             uniques.push(Unique {
-                key: CacheKey::new(
-                    state.upstream_id.clone(),
-                    access_id.clone(),
-                    top_scope.clone(),
-                    item.ident.clone(),
-                ),
-                raw: &item.raw,
+                key,
+                raw: item.raw,
                 answer: None,
                 fallback: None,
             });
@@ -248,14 +254,16 @@ async fn answer(
         });
         positions.push(idx);
     }
+    drop(seen);
 
     // Look up, only for a credential the upstream accepted recently.
     let trusted = state.credentials.is_accepted(&fingerprint);
     let (mut hits, mut negative_hits) = (0u64, 0u64);
     let mut revalidate: Vec<usize> = Vec::new();
     if trusted {
+        let now = state.store.clock().now();
         for (i, u) in uniques.iter_mut().enumerate() {
-            match state.store.get(&u.key).await {
+            match state.store.get_at(&u.key, now).await {
                 Lookup::Fresh(e) => {
                     if e.is_negative() {
                         negative_hits += 1;
@@ -281,7 +289,7 @@ async fn answer(
         access_id,
         op,
         top_scope,
-        top_fields: request.top_fields.clone(),
+        top_fields,
         headers,
         auth: upstream_auth,
     });
