@@ -35,6 +35,7 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(30);
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(600);
 pub const DEFAULT_TTL_JITTER: f64 = 0.1;
+pub const DEFAULT_MEMO_MAX_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_INVALIDATE_AGAIN_AFTER: Duration = Duration::from_secs(5);
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// TPNS publishes no QPS for the account APIs; set this to your quota.
@@ -168,6 +169,9 @@ pub struct CacheConfig {
     /// Each lifetime is shortened by a random share of up to this fraction (0.0–0.5), so entries
     /// written together do not expire together.
     pub ttl_jitter: f64,
+    /// Budget of the response memo (the stitched answers of repeated, fully cached requests,
+    /// keyed by credential and exact body); `0B` turns it off.
+    pub memo_max_bytes: ByteSize,
     /// A write passing through (`batchoperate`) drops the entries it can make wrong at once, and
     /// again after this delay, because TPNS applies writes asynchronously. `0s`: only at once.
     #[serde(with = "humantime_serde")]
@@ -360,6 +364,7 @@ impl Default for Config {
                 stale_while_revalidate: DEFAULT_STALE_WHILE_REVALIDATE,
                 stale_if_error: DEFAULT_STALE_IF_ERROR,
                 ttl_jitter: DEFAULT_TTL_JITTER,
+                memo_max_bytes: ByteSize::b(DEFAULT_MEMO_MAX_BYTES),
                 invalidate_again_after: DEFAULT_INVALIDATE_AGAIN_AFTER,
             },
             shield: ShieldConfig {

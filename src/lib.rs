@@ -121,6 +121,10 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         metrics,
         registry,
         fetcher: proxy::fetch::Fetcher::new(&config),
+        memo: cache::memo::Memo::new(
+            config.cache.memo_max_bytes.as_u64(),
+            config.cache.ttl.max(config.cache.negative_ttl),
+        ),
         admin_token,
         config,
     }))

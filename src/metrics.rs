@@ -162,6 +162,7 @@ pub struct Metrics {
     pub fetch_discarded: IntCounter,
     pub responses: IntCounterVec,
     pub evictions: IntCounterVec,
+    pub memo_hits: IntCounter,
 }
 
 /// The `class` label of `tpns_cache_responses_total`: what a TPNS client makes of the answer.
@@ -328,8 +329,13 @@ impl Metrics {
             ),
             &["cause"],
         )?;
+        let memo_hits = IntCounter::new(
+            "tpns_cache_memo_hits_total",
+            "Requests answered from the response memo (repeated, fully cached batches).",
+        )?;
         for c in [
-            Box::new(responses.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(memo_hits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(responses.clone()),
             Box::new(evictions.clone()),
             Box::new(invalidated.clone()),
             Box::new(fetch_discarded.clone()),
@@ -380,6 +386,7 @@ impl Metrics {
             fetch_discarded,
             responses,
             evictions,
+            memo_hits,
         })
     }
 

@@ -746,3 +746,40 @@ async fn a_body_that_never_completes_times_out_with_408() {
     assert!(resp.contains("1008001"), "{resp}");
     assert_eq!(h.upstream_queries(), 0);
 }
+
+/// The response memo answers repeated identical requests, per credential, only while fresh.
+#[tokio::test]
+async fn repeated_identical_requests_come_from_the_memo_while_fresh() {
+    let h = Harness::with(sim_config(), |c| {
+        c.cache.ttl = Duration::from_secs(60);
+        c.cache.ttl_jitter = 0.0;
+        c.cache.stale_while_revalidate = Duration::ZERO;
+    })
+    .await;
+    let body = tokens_body(&["token1", "token2", "tok-00000003"]);
+    let first = h.query(&body).await; // fetched (credential not yet verified)
+    h.query(&body).await; // all cached: memoized
+    for _ in 0..3 {
+        let r = h.query(&body).await;
+        assert_eq!(r.json(), first.json());
+        assert!(r.cache_status().contains("; hit;"), "{}", r.cache_status());
+    }
+    let m = h.metrics().await;
+    assert_eq!(sample(&m, "tpns_cache_memo_hits_total"), 3.0, "{m}");
+    // Another credential with the same body does not get this memo.
+    let other = h.query_as(Some(OTHER_APP), &body).await;
+    assert!(
+        other.cache_status().contains("fwd=request"),
+        "{}",
+        other.cache_status()
+    );
+    // A binding change at the upstream shows once the entries' lifetime is over.
+    h.sim.bind(APP.0, "token1", "late-owner", 0);
+    h.clock.advance(Duration::from_secs(61));
+    let r = h.query(&body).await;
+    assert!(r.body_text().contains("late-owner"), "{}", r.body_text());
+    assert_eq!(
+        sample(&h.metrics().await, "tpns_cache_memo_hits_total"),
+        3.0
+    );
+}

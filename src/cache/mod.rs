@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::api::query::{Answer, ElementCode, Ident};
 
 pub mod index;
+pub mod memo;
 use index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
 
 /// Everything that can change an identifier's answer. A cheap handle: the cache, the reverse

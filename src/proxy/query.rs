@@ -29,6 +29,7 @@ use super::{
 use crate::api::error::ProxyError;
 use crate::api::query::{parse_request, stitch, top_level_code, Answer, Limits, QueryRequest};
 use crate::api::{code, ErrorShape};
+use crate::cache::memo::Memoized;
 use crate::cache::{CacheKey, Entry, Lookup};
 use crate::config::LimitsConfig;
 use crate::metrics::{LookupOutcome, RequestOutcome, Route};
@@ -96,6 +97,9 @@ async fn serve(
     ) else {
         return refused(ProxyError::AuthFailed("no usable credentials"));
     };
+    if let Some(resp) = from_memo(state, &fingerprint, &bytes) {
+        return resp;
+    }
     let request = match parse_request(
         &bytes,
         &Limits {
@@ -107,7 +111,6 @@ async fn serve(
         Ok(r) => r,
         Err(e) => return refused(e),
     };
-    drop(bytes);
     let headers = upstream_headers(&parts.headers);
     match answer(
         state,
@@ -120,7 +123,20 @@ async fn serve(
     .await
     {
         Ok(served) => {
-            let mut resp = json_response(StatusCode::OK, served.body);
+            let body = Bytes::from(served.body);
+            if let (Some(memo), Some(m)) = (&state.memo, served.memo) {
+                memo.put(
+                    fingerprint,
+                    bytes,
+                    Memoized {
+                        body: body.clone(),
+                        cache_status: served.cache_status.clone(),
+                        ret_code: served.ret_code,
+                        ..m
+                    },
+                );
+            }
+            let mut resp = json_response(StatusCode::OK, body);
             resp.extensions_mut().insert(RetCode(served.ret_code));
             resp.headers_mut()
                 .insert(CACHE_STATUS, cache_status(&served.cache_status));
@@ -152,6 +168,32 @@ async fn serve(
             }
         },
     }
+}
+
+/// The memoized answer to an identical earlier request, if still valid (see
+/// [`crate::cache::memo`]).
+fn from_memo(
+    state: &State,
+    fingerprint: &Fingerprint,
+    body: &Bytes,
+) -> Option<(Response<ProxyBody>, RequestOutcome)> {
+    let memo = state.memo.as_ref()?;
+    if !state.credentials.is_accepted(fingerprint) {
+        return None;
+    }
+    let index = state.store.index();
+    let m = memo.get(fingerprint, body, state.store.clock().now(), |app| {
+        index.epoch(app)
+    })?;
+    let metrics = &state.metrics;
+    metrics.memo_hits.inc();
+    metrics.lookup(m.op, LookupOutcome::Hit, m.hits);
+    metrics.lookup(m.op, LookupOutcome::NegativeHit, m.negative_hits);
+    let mut resp = json_response(StatusCode::OK, m.body.clone());
+    resp.extensions_mut().insert(RetCode(m.ret_code));
+    resp.headers_mut()
+        .insert(CACHE_STATUS, cache_status(&m.cache_status));
+    Some((resp, RequestOutcome::Hit))
 }
 
 /// Reads the whole body, refusing it early when `Content-Length` already breaks the limit and
@@ -208,6 +250,9 @@ struct Unique {
 }
 
 struct Served {
+    /// Set when every identifier came fresh from the cache: what the memo needs besides the
+    /// body.
+    memo: Option<Memoized>,
     ret_code: i64,
     body: Vec<u8>,
     cache_status: String,
@@ -256,7 +301,10 @@ async fn answer(
     }
     drop(seen);
 
-    // Look up, only for a credential the upstream accepted recently.
+    // Look up, only for a credential the upstream accepted recently. The app's write epoch is
+    // read first: a write during the lookups makes a memo of this answer invalid at once.
+    let epoch = state.store.index().epoch(&access_id);
+    let memo_app = access_id.clone();
     let trusted = state.credentials.is_accepted(&fingerprint);
     let (mut hits, mut negative_hits) = (0u64, 0u64);
     let mut revalidate: Vec<usize> = Vec::new();
@@ -412,7 +460,26 @@ async fn answer(
             RequestOutcome::Miss,
         )
     };
+    let memo = match outcome {
+        RequestOutcome::Hit if stale == 0 => uniques
+            .iter()
+            .filter_map(|u| u.answer.as_ref().map(|e| e.fresh_until))
+            .min()
+            .map(|fresh_until| Memoized {
+                body: Bytes::new(),
+                cache_status: String::new(),
+                ret_code,
+                fresh_until,
+                epoch,
+                access_id: memo_app,
+                op,
+                hits,
+                negative_hits,
+            }),
+        _ => None,
+    };
     Ok(Served {
+        memo,
         ret_code,
         body,
         cache_status: params,
