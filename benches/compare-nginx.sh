@@ -45,10 +45,18 @@ wait_port "$SIM_PORT"
 
 stats() { curl -s "http://127.0.0.1:$SIM_PORT/_sim/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin); p="/v3/device/account/query"; print(s["requests"].get(p,0), s["identifiers"].get(p,0))'; }
 reset() { curl -s -X POST "http://127.0.0.1:$SIM_PORT/_sim/reset" >/dev/null; }
-replay() { "$LOADGEN" --scenario replay --target "$1" --ids "$IDS" --requests "$REQUESTS" --concurrency "$CONC" --report "$work/$2.json" | grep '^replay'; }
+replay() {
+  "$LOADGEN" --scenario replay --target "$1" --ids "$IDS" --requests "$REQUESTS" --concurrency "$CONC" --report "$work/$2.json" | grep '^replay'
+  local errors
+  errors=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replay"]["run"]["errors"])' "$work/$2.json")
+  if [ "$errors" != "0" ]; then echo "$2: $errors requests failed; see $work/error.log" >&2; cat "$work/error.log" >&2 || true; exit 1; fi
+}
 rps() { python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["replay"]["run"]["req_per_s"]))' "$1"; }
 
 mkdir -p "$work/cache" "$work/tmp"
+# nginx's workers drop to an unprivileged user (www-data on Debian): let them write the cache.
+chmod 755 "$work"
+chmod 777 "$work/cache" "$work/tmp"
 cat >"$work/nginx.conf" <<NGX
 worker_processes 1;
 pid $work/nginx.pid;
