@@ -50,24 +50,23 @@ def load_docs(path):
 
 
 # --------------------------------------------------------------------------------------------
-# The metrics tpns-cache exports (README.md, "Metrics"). Histograms also expose _bucket/_sum/_count.
-COUNTERS = {
-    "tpns_cache_lookups_total", "tpns_cache_requests_total", "tpns_cache_upstream_requests_total",
-    "tpns_cache_upstream_identifiers_total", "tpns_cache_upstream_retries_total",
-    "tpns_cache_stale_served_total", "tpns_cache_background_refreshes_total",
-    "tpns_cache_limiter_rejections_total", "tpns_cache_breaker_opens_total",
-    "tpns_cache_invalidated_entries_total", "tpns_cache_fetch_discarded_total",
-    # Newer than the dashboard and the alerts, which do not use them (yet):
-    "tpns_cache_responses_total", "tpns_cache_evictions_total",
-}
-HISTOGRAMS = {
-    "tpns_cache_request_duration_seconds", "tpns_cache_upstream_request_duration_seconds",
-    "tpns_cache_upstream_batch_size", "tpns_cache_limiter_wait_seconds",
-}
-GAUGES = {
-    "tpns_cache_breaker_state", "tpns_cache_inflight_fetches", "tpns_cache_entries",
-    "tpns_cache_weighted_bytes", "tpns_cache_build_info",
-}
+# The metrics tpns-cache exports: read from README.md's metrics table, which tests/docs.rs keeps
+# in step with the code (so this list cannot drift). Histograms also expose _bucket/_sum/_count.
+def _readme_metrics():
+    import re
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    counters, histograms, gauges = set(), set(), set()
+    with open(readme) as f:
+        for line in f:
+            m = re.match(r"\| `(tpns_cache_[a-z0-9_]+)` \| (counter|histogram|gauge) \|", line)
+            if m:
+                {"counter": counters, "histogram": histograms, "gauge": gauges}[m.group(2)].add(m.group(1))
+    if not counters or not histograms or not gauges:
+        sys.exit("FAIL  README.md: no metrics table found")
+    return counters, histograms, gauges
+
+
+COUNTERS, HISTOGRAMS, GAUGES = _readme_metrics()
 PROMETHEUS_OWN = {"up"}
 
 
