@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use serde_json::Value;
 
 fn readme() -> String {
@@ -51,20 +53,9 @@ fn every_config_key_is_in_the_readme_table_with_its_env_name() {
 #[test]
 fn every_metric_is_in_the_readme_table() {
     let readme = readme();
-    let registry = prometheus::Registry::new();
-    let m = tpns_cache::metrics::Metrics::register(&registry).unwrap();
-    // Vectors only appear in a scrape once a label set exists; touch one of each.
-    m.lookups.with_label_values(&["x", "y"]).inc();
-    m.requests.with_label_values(&["x", "y"]).inc();
-    m.request_duration.with_label_values(&["x"]).observe(0.0);
-    m.upstream_calls.with_label_values(&["x", "y"]).inc();
-    m.upstream_identifiers.with_label_values(&["x"]).inc();
-    m.stale_served.with_label_values(&["x"]).inc();
-    m.limiter_rejections.with_label_values(&["x"]).inc();
-    let families = registry.gather();
+    let families = common::metric_families();
     assert!(families.len() >= 18, "{}", families.len());
-    for f in families {
-        let name = f.name();
+    for name in families {
         assert!(
             readme.contains(&format!("| `{name}` |")),
             "README metrics table lacks `{name}`"

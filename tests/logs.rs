@@ -99,17 +99,7 @@ async fn secrets_never_reach_logs_debug_output_or_errors() {
     .await;
     bodies.push(down.query(&q).await.body);
     bodies.push(down.query_as(None, &q).await.body);
-    bodies.push(
-        down.send(
-            down.proxy,
-            Method::POST,
-            "/v3/push/app",
-            &auth_headers(None),
-            "{}",
-        )
-        .await
-        .body,
-    );
+    bodies.push(down.push(None, "{}").await.body);
     let mut config = h.config.clone();
     configure(&mut config);
     let debug = format!("{config:?} {:?}", config.keys().unwrap());

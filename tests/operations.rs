@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
@@ -41,14 +40,7 @@ async fn the_scrape_parses_and_counters_move() {
     h.query(&body).await;
     h.query(&body).await;
     h.query(r#"{"operator_type":5}"#).await;
-    h.send(
-        h.proxy,
-        Method::POST,
-        "/v3/push/app",
-        &auth_headers(Some(APP)),
-        "{}",
-    )
-    .await;
+    h.push(Some(APP), "{}").await;
     let (text, after) = scrape(&h).await;
     let lookups = |outcome| value(&after, "tpns_cache_lookups_total", &[("outcome", outcome)]);
     assert_eq!(lookups("unverified"), 3.0);
@@ -214,23 +206,7 @@ impl Client {
 /// exports (histogram series by their family name).
 #[test]
 fn deploy_promql_uses_only_existing_metrics() {
-    let registry = prometheus::Registry::new();
-    let m = tpns_cache::metrics::Metrics::register(&registry).unwrap();
-    m.lookups.with_label_values(&["x", "y"]).inc();
-    m.requests.with_label_values(&["x", "y"]).inc();
-    m.request_duration.with_label_values(&["x"]).observe(0.0);
-    m.upstream_calls.with_label_values(&["x", "y"]).inc();
-    m.upstream_identifiers.with_label_values(&["x"]).inc();
-    m.stale_served.with_label_values(&["x"]).inc();
-    m.limiter_rejections.with_label_values(&["x"]).inc();
-    m.invalidated.with_label_values(&["x"]).inc();
-    m.responses.with_label_values(&["x", "y"]).inc();
-    m.evictions.with_label_values(&["x"]).inc();
-    let families: HashSet<String> = registry
-        .gather()
-        .iter()
-        .map(|f| f.name().to_owned())
-        .collect();
+    let families = metric_families();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let files = [
         root.join("grafana/tpns-cache.json"),

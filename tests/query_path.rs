@@ -529,15 +529,7 @@ async fn upstream_down_answers_502_with_the_cause() {
         msg.contains("upstream unreachable") && msg.contains("refused"),
         "{msg}"
     );
-    let r = h
-        .send(
-            h.proxy,
-            Method::POST,
-            "/v3/push/app",
-            &auth_headers(Some(APP)),
-            "{}",
-        )
-        .await;
+    let r = h.push(Some(APP), "{}").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.json()["ret_code"], 1_008_004);
 }
@@ -560,15 +552,7 @@ async fn a_slow_upstream_answers_504_within_the_timeout() {
         .as_str()
         .unwrap()
         .contains("timed out after 300ms"));
-    let r = h
-        .send(
-            h.proxy,
-            Method::POST,
-            "/v3/push/app",
-            &auth_headers(Some(APP)),
-            "{}",
-        )
-        .await;
+    let r = h.push(Some(APP), "{}").await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
 }
 

@@ -184,15 +184,7 @@ async fn injection_adds_credentials_to_every_upstream_call() {
         let r = h.query_as(None, &body).await;
         assert!(r.cache_status().contains("; hit;"), "{scheme:?}");
         // Other paths get them too.
-        let push = h
-            .send(
-                h.proxy,
-                Method::POST,
-                "/v3/push/app",
-                &auth_headers(None),
-                r#"{"audience_type":"all"}"#,
-            )
-            .await;
+        let push = h.push(None, r#"{"audience_type":"all"}"#).await;
         assert_eq!(
             push.json()["ret_code"],
             0,

@@ -305,3 +305,41 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+impl Harness {
+    /// `POST /v3/push/app` through the proxy as `app`.
+    pub async fn push(&self, app: Option<(&str, &str)>, body: &str) -> Reply {
+        self.send(
+            self.proxy,
+            Method::POST,
+            "/v3/push/app",
+            &auth_headers(app),
+            body.to_owned(),
+        )
+        .await
+    }
+}
+
+/// The names of every metric family the proxy registers (vectors touched once so they appear).
+pub fn metric_families() -> std::collections::HashSet<String> {
+    let registry = prometheus::Registry::new();
+    let m = tpns_cache::metrics::Metrics::register(&registry).unwrap();
+    for v in [&m.lookups, &m.requests, &m.upstream_calls, &m.responses] {
+        v.with_label_values(&["x", "y"]).inc();
+    }
+    for v in [
+        &m.upstream_identifiers,
+        &m.stale_served,
+        &m.limiter_rejections,
+        &m.invalidated,
+        &m.evictions,
+    ] {
+        v.with_label_values(&["x"]).inc();
+    }
+    m.request_duration.with_label_values(&["x"]).observe(0.0);
+    registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect()
+}
