@@ -767,3 +767,24 @@ async fn repeated_identical_requests_come_from_the_memo_while_fresh() {
         3.0
     );
 }
+
+#[tokio::test]
+async fn an_oversized_upstream_answer_is_refused_and_not_cached() {
+    let h = Harness::with(sim_config(), |c| {
+        c.upstream.max_response_bytes = bytesize::ByteSize::kib(1);
+    })
+    .await;
+    let asked: Vec<String> = (0..30).map(tpns_cache::sim::token_name).collect();
+    let body = tokens_body(&asked.iter().map(String::as_str).collect::<Vec<_>>());
+    for _ in 0..2 {
+        let r = h.query(&body).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(r.ret_code(), 1_008_004);
+        assert!(
+            r.body_text().contains("larger than 1024 bytes"),
+            "{}",
+            r.body_text()
+        );
+    }
+    assert_eq!(h.upstream_queries(), 2, "nothing was cached");
+}
