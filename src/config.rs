@@ -20,6 +20,9 @@ pub const ENV_CONFIG_FILE: &str = "TPNS_CACHE_CONFIG";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(50);
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "tpns-cache";
+pub const DEFAULT_REDIS_LOCAL_SHARE: f64 = 1.0;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// The Guangzhou access point, TPNS's default.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.tpns.tencent.com";
@@ -85,7 +88,24 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    pub redis: RedisConfig,
     pub log: LogConfig,
+}
+
+/// Fleet mode: a shared Redis for the fleet-wide upstream quota.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0`; empty: fleet mode off (the sidecar needs nothing but itself).
+    pub url: String,
+    /// Every Redis call gives up after this; the sidecar then uses its local fallback.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Prefix of every key this project writes.
+    pub key_prefix: String,
+    /// While Redis is unavailable, this sidecar may use this share of `shield.calls_per_second`
+    /// on its own (e.g. 1/N for N sidecars).
+    pub local_share: f64,
 }
 
 /// Where a secret comes from: a file (a mounted Kubernetes Secret) or an environment variable.
@@ -403,6 +423,12 @@ impl Default for Config {
             },
             tls: TlsConfig::default(),
             admin: AdminConfig::default(),
+            redis: RedisConfig {
+                url: String::new(),
+                timeout: DEFAULT_REDIS_TIMEOUT,
+                key_prefix: DEFAULT_REDIS_KEY_PREFIX.to_owned(),
+                local_share: DEFAULT_REDIS_LOCAL_SHARE,
+            },
             log: LogConfig {
                 level: DEFAULT_LOG_LEVEL.to_owned(),
                 format: LogFormat::Text,
@@ -574,6 +600,23 @@ impl Config {
         }
         if let Err(e) = self.admin_token() {
             problems.push(e);
+        }
+        if !self.redis.url.is_empty() {
+            if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
+                problems.push(format!("redis.url: {e}"));
+            }
+        }
+        if self.redis.timeout.is_zero() || self.redis.timeout > Duration::from_secs(5) {
+            problems.push("redis.timeout: must be between 1ms and 5s".to_owned());
+        }
+        if !(self.redis.local_share > 0.0 && self.redis.local_share <= 1.0) {
+            problems.push(format!(
+                "redis.local_share: must be in (0, 1], got {}",
+                self.redis.local_share
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
+            problems.push("redis.key_prefix: must be non-empty, without spaces".to_owned());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {e}"));

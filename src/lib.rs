@@ -21,6 +21,7 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod demo;
+pub mod fleet;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -79,6 +80,8 @@ pub enum RunError {
     Secret(String),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
+    #[error("cannot set up fleet mode: {0}")]
+    Fleet(String),
 }
 
 /// Installs rustls's `ring` provider as the process default, once. Only one provider is built
@@ -106,6 +109,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         Some(metrics.evictions.clone()),
     );
     let admin_token = config.admin_token().map_err(RunError::Secret)?;
+    let fetcher = proxy::fetch::Fetcher::new(&config, &metrics).map_err(RunError::Fleet)?;
     let credentials = proxy::auth::Credentials::new(
         config.auth.accepted_ttl,
         config.auth.accepted_max,
@@ -120,7 +124,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         credentials,
         metrics,
         registry,
-        fetcher: proxy::fetch::Fetcher::new(&config),
+        fetcher,
         memo: cache::memo::Memo::new(
             config.cache.memo_max_bytes.as_u64(),
             config.cache.ttl.max(config.cache.negative_ttl),

@@ -163,6 +163,9 @@ pub struct Metrics {
     pub responses: IntCounterVec,
     pub evictions: IntCounterVec,
     pub memo_hits: IntCounter,
+    pub redis_up: IntGauge,
+    pub redis_errors: IntCounter,
+    pub fleet_fallbacks: IntCounter,
 }
 
 /// The `class` label of `tpns_cache_responses_total`: what a TPNS client makes of the answer.
@@ -333,8 +336,23 @@ impl Metrics {
             "tpns_cache_memo_hits_total",
             "Requests answered from the response memo (repeated, fully cached batches).",
         )?;
+        let redis_up = IntGauge::new(
+            "tpns_cache_redis_up",
+            "Fleet mode: 1 while Redis answers, 0 while it does not (or is not reached yet).",
+        )?;
+        let redis_errors = IntCounter::new(
+            "tpns_cache_redis_errors_total",
+            "Fleet mode: Redis calls that failed or timed out.",
+        )?;
+        let fleet_fallbacks = IntCounter::new(
+            "tpns_cache_fleet_fallbacks_total",
+            "Fleet mode: upstream calls admitted by the local fallback limiter because Redis was unavailable.",
+        )?;
         for c in [
-            Box::new(memo_hits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_errors.clone()),
+            Box::new(fleet_fallbacks.clone()),
+            Box::new(memo_hits.clone()),
             Box::new(responses.clone()),
             Box::new(evictions.clone()),
             Box::new(invalidated.clone()),
@@ -387,6 +405,9 @@ impl Metrics {
             responses,
             evictions,
             memo_hits,
+            redis_up,
+            redis_errors,
+            fleet_fallbacks,
         })
     }
 

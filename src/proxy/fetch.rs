@@ -141,6 +141,9 @@ pub struct Fetcher {
     ids: AtomicU64,
     cooldowns: Mutex<HashMap<Arc<str>, tokio::time::Instant>>,
     pub limiter: UpstreamLimiter,
+    /// Fleet mode: the shared quota in Redis, and the local limiter used while Redis is away.
+    pub fleet: Option<(crate::fleet::Fleet, UpstreamLimiter)>,
+    max_wait: Duration,
     pub breaker: Breaker,
     retry: RetryBudget,
     window: Duration,
@@ -169,16 +172,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Fetcher {
-    pub fn new(config: &Config) -> Fetcher {
+    /// Builds the fetcher; in fleet mode, starts connecting to Redis in the background.
+    pub fn new(config: &Config, metrics: &crate::metrics::Metrics) -> Result<Fetcher, String> {
         let s = &config.shield;
         let q = &config.query;
-        Fetcher {
+        let fleet = if config.redis.url.is_empty() {
+            None
+        } else {
+            crate::fleet::Fleet::start(
+                &config.redis.url,
+                config.redis.timeout,
+                &config.redis.key_prefix,
+                &config.upstream.url,
+                s.calls_per_second,
+                s.burst,
+                metrics.clone(),
+            )?
+        };
+        let local_share =
+            |rate: u32| ((f64::from(rate) * config.redis.local_share).ceil() as u32).max(1);
+        let fleet = fleet.map(|f| {
+            let fallback = UpstreamLimiter::new(LimiterConfig {
+                calls_per_second: local_share(s.calls_per_second),
+                burst: local_share(s.burst),
+                per_app_calls_per_second: 0,
+                identifiers_per_second: 0,
+                max_wait: s.max_wait,
+                max_queue: s.max_queue,
+            });
+            (f, fallback)
+        });
+        Ok(Fetcher {
+            max_wait: s.max_wait,
             inflight: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             cooldowns: Mutex::new(HashMap::new()),
             limiter: UpstreamLimiter::new(LimiterConfig {
-                calls_per_second: s.calls_per_second,
+                // In fleet mode the whole-upstream rate is the fleet's, kept in Redis.
+                calls_per_second: if fleet.is_some() {
+                    0
+                } else {
+                    s.calls_per_second
+                },
                 burst: s.burst,
                 per_app_calls_per_second: s.per_app_calls_per_second,
                 identifiers_per_second: s.identifiers_per_second,
@@ -199,10 +235,11 @@ impl Fetcher {
             ],
             // Window, limiter wait, a call and its one retry, and a margin.
             wait_bound: s.batch_window
-                + s.max_wait
+                + s.max_wait * 2
                 + config.upstream.timeout * 2
                 + Duration::from_secs(1),
-        }
+            fleet,
+        })
     }
 
     pub fn inflight_count(&self) -> usize {
@@ -442,6 +479,35 @@ async fn call(state: &State, batch: &Pending) -> Result<(Vec<Answer>, u64), Fetc
             )
         }
     };
+    if let Some((fleet, fallback)) = &f.fleet {
+        let denied = match fleet.acquire(f.max_wait).await {
+            Ok(waited) => {
+                m.limiter_wait_seconds.observe(waited.as_secs_f64());
+                None
+            }
+            Err(crate::fleet::FleetDenied::Quota(wait)) => Some((wait, "fleet_quota")),
+            Err(crate::fleet::FleetDenied::Unavailable) => {
+                m.fleet_fallbacks.inc();
+                match fallback.acquire(&ctx.access_id, n).await {
+                    Ok(waited) => {
+                        m.limiter_wait_seconds.observe(waited.as_secs_f64());
+                        None
+                    }
+                    Err(d) => Some((d.retry_after(), d.as_str())),
+                }
+            }
+        };
+        if let Some((wait, reason)) = denied {
+            m.limiter_rejections.with_label_values(&[reason]).inc();
+            return refuse(
+                ProxyError::RateLimited {
+                    retry_after: wait.max(Duration::from_secs(1)),
+                    reason,
+                },
+                UpstreamOutcome::RateLimited,
+            );
+        }
+    }
     match f.limiter.acquire(&ctx.access_id, n).await {
         Ok(waited) => m.limiter_wait_seconds.observe(waited.as_secs_f64()),
         Err(denied) => {

@@ -1,0 +1,234 @@
+//! Fleet mode against a real `redis-server` (started on an ephemeral loopback port, stopped at
+//! the end; `.ci/run` installs it when absent): three proxies share one upstream quota, and
+//! Redis going away loses no client request.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tpns_cache::sim::{token_name, Simulator};
+
+/// A `redis-server` child process on a free loopback port.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let r = Redis { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on {port}");
+    }
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Redis::start_on(port)
+    }
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A proxy in front of an existing simulator.
+async fn proxy(
+    sim: &Simulator,
+    sim_addr: SocketAddr,
+    tweak: impl FnOnce(&mut tpns_cache::config::Config),
+) -> Harness {
+    let (tx, _rx) = tokio::sync::oneshot::channel();
+    let mut c = tpns_cache::config::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    c.upstream.url = format!("http://{sim_addr}");
+    tweak(&mut c);
+    Harness::proxy_for(sim.clone(), sim_addr, c, tx).await
+}
+
+fn max_in_window(arrivals: &[u64], width_ms: u64) -> usize {
+    (0..arrivals.len())
+        .map(|i| {
+            arrivals[i..]
+                .iter()
+                .take_while(|t| **t < arrivals[i] + width_ms)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_under_a_burst_stay_under_one_fleet_quota() {
+    const RATE: u32 = 4;
+    const BURST: u32 = 4;
+    let redis = Redis::start();
+    let base = Harness::start().await; // owns the simulator
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let url = redis.url();
+        proxies.push(Arc::new(
+            proxy(&base.sim, base.sim_addr, |c| {
+                c.redis.url = url;
+                c.shield.calls_per_second = RATE;
+                c.shield.burst = BURST;
+                c.shield.max_wait = Duration::from_millis(1500);
+                c.shield.batch_window = Duration::ZERO;
+            })
+            .await,
+        ));
+    }
+    // Connected (the connection is made in the background).
+    for p in &proxies {
+        for _ in 0..100 {
+            if sample(&p.metrics().await, "tpns_cache_redis_up") == 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(sample(&p.metrics().await, "tpns_cache_redis_up"), 1.0);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // let the shared bucket refill
+    base.sim.reset_stats();
+    let tasks: Vec<_> = (0..45)
+        .map(|i| {
+            let p = proxies[i % 3].clone();
+            tokio::spawn(async move { p.query(&tokens_body(&[&token_name(i)])).await.ret_code() })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert!(
+        codes.iter().all(|c| *c == 0 || *c == 1_008_028),
+        "{codes:?}"
+    );
+    let arrivals: Vec<u64> = base.sim.stats().query_arrivals_ms.into_iter().collect();
+    let peak = max_in_window(&arrivals, 1000);
+    println!(
+        "3 proxies, burst of 45: {} upstream calls, peak {peak} in any 1 s (fleet rate {RATE}/s, burst {BURST}); {} answered 1008028",
+        arrivals.len(),
+        codes.iter().filter(|c| **c == 1_008_028).count()
+    );
+    assert!(
+        peak <= (RATE + BURST) as usize,
+        "{peak} calls in one second: {arrivals:?}"
+    );
+    assert!(
+        arrivals.len() < 30,
+        "without a shared quota each proxy would spend its own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_away_loses_no_request_and_the_fleet_recovers() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let url = redis.url();
+    let base = Harness::with(
+        tpns_cache::sim::SimConfig {
+            tokens: 2000,
+            ..sim_config()
+        },
+        |_| {},
+    )
+    .await;
+    let p = proxy(&base.sim, base.sim_addr, |c| {
+        c.redis.url = url;
+        c.redis.local_share = 0.5;
+        c.shield.calls_per_second = 1000;
+        c.shield.burst = 100;
+    })
+    .await;
+    for _ in 0..100 {
+        if sample(&p.metrics().await, "tpns_cache_redis_up") == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut next = 100;
+    let mut ask = || {
+        next += 1;
+        tokens_body(&[&token_name(next)])
+    };
+    for _ in 0..5 {
+        assert_eq!(p.query(&ask()).await.ret_code(), 0);
+    }
+    redis.stop();
+    for _ in 0..10 {
+        assert_eq!(
+            p.query(&ask()).await.ret_code(),
+            0,
+            "served through the local fallback"
+        );
+    }
+    let m = p.metrics().await;
+    assert_eq!(sample(&m, "tpns_cache_redis_up"), 0.0);
+    assert!(sample(&m, "tpns_cache_fleet_fallbacks_total") >= 10.0);
+    // Redis comes back on the same port: the proxy uses it again by itself.
+    let _redis = Redis::start_on(port);
+    let mut recovered = false;
+    for _ in 0..100 {
+        assert_eq!(p.query(&ask()).await.ret_code(), 0);
+        if sample(&p.metrics().await, "tpns_cache_redis_up") == 1.0 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "fleet mode did not recover");
+}
+
+#[tokio::test]
+async fn redis_down_at_start_does_not_stop_the_sidecar() {
+    let dead = closed_port().await;
+    let h = Harness::with(sim_config(), |c| {
+        c.redis.url = format!("redis://{dead}/0");
+    })
+    .await;
+    assert_eq!(h.query(&tokens_body(&["token1"])).await.ret_code(), 0);
+    let m = h.metrics().await;
+    assert_eq!(sample(&m, "tpns_cache_redis_up"), 0.0);
+    assert_eq!(sample(&m, "tpns_cache_fleet_fallbacks_total"), 1.0);
+}
