@@ -225,6 +225,33 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+step "overlay: fleet mode (deploy/kubernetes/overlays/fleet)"
+if command -v kubectl >/dev/null 2>&1; then
+  if kubectl kustomize deploy/kubernetes/overlays/fleet >"$WORK/fleet-rendered.yaml" 2>"$WORK/fleet.log"; then
+    "$PY" - "$WORK/fleet-rendered.yaml" "$WORK/fleet-core.yaml" <<'PYEOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+core = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com")]
+env = [e for d in core if d["kind"] == "Deployment"
+       for c in d["spec"]["template"]["spec"].get("initContainers", []) if c["name"] == "tpns-cache"
+       for e in c.get("env", [])]
+names = {e["name"] for e in env}
+assert {"TPNS_CACHE_REDIS__URL", "TPNS_CACHE_REDIS__LOCAL_SHARE", "TPNS_CACHE_CONFIG"} <= names, names
+yaml.safe_dump_all(core, open(sys.argv[2], "w"))
+PYEOF
+    if [[ $? -eq 0 ]] && "$PY" -m kubernetes_validate --strict -k 1.33.0 --quiet "$WORK/fleet-core.yaml"; then
+      pass "fleet overlay renders, sets the sidecar's Redis env, and validates (Kubernetes 1.33, strict)"
+    else
+      fail "fleet overlay"
+    fi
+  else
+    fail "fleet overlay: kubectl kustomize failed ($(cat "$WORK/fleet.log"))"
+  fi
+else
+  skip "fleet overlay: kubectl not available"
+fi
+
+# ---------------------------------------------------------------------------------------------
 step "summary"
 for u in "${USED[@]}"; do echo "used: $u"; done
 for s in "${SKIPPED[@]+"${SKIPPED[@]}"}"; do echo "skipped: $s"; done
