@@ -101,6 +101,16 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     let app: Arc<str> = Arc::from(p.access_id.as_str());
     state.store.index().bump_epoch(&app);
+    if let Some(fleet) = &state.fleet {
+        fleet
+            .invalidate(
+                &app,
+                p.tokens.as_deref().unwrap_or_default(),
+                p.accounts.as_deref().unwrap_or_default(),
+                p.tokens.is_none() && p.accounts.is_none(),
+            )
+            .await;
+    }
     let dropped: Vec<CacheKey> = match (&p.tokens, &p.accounts) {
         (None, None) => state.store.purge_app(&p.access_id).await,
         (tokens, accounts) => {

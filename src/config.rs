@@ -92,7 +92,8 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// Fleet mode: a shared Redis for the fleet-wide upstream quota.
+/// Fleet mode: a shared Redis for the fleet-wide upstream quota, a second cache tier and
+/// fleet-wide invalidation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {

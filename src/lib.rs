@@ -109,7 +109,25 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         Some(metrics.evictions.clone()),
     );
     let admin_token = config.admin_token().map_err(RunError::Secret)?;
-    let fetcher = proxy::fetch::Fetcher::new(&config, &metrics).map_err(RunError::Fleet)?;
+    let fleet = if config.redis.url.is_empty() {
+        None
+    } else {
+        fleet::Fleet::start(
+            &config.redis.url,
+            config.redis.timeout,
+            &config.redis.key_prefix,
+            &config.upstream.url,
+            config.shield.calls_per_second,
+            config.shield.burst,
+            metrics.clone(),
+        )
+        .map_err(RunError::Fleet)?
+        .map(Arc::new)
+    };
+    if let Some(f) = &fleet {
+        f.subscribe(store.clone());
+    }
+    let fetcher = proxy::fetch::Fetcher::new(&config, fleet.clone());
     let credentials = proxy::auth::Credentials::new(
         config.auth.accepted_ttl,
         config.auth.accepted_max,
@@ -125,6 +143,7 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
         metrics,
         registry,
         fetcher,
+        fleet,
         memo: cache::memo::Memo::new(
             config.cache.memo_max_bytes.as_u64(),
             config.cache.ttl.max(config.cache.negative_ttl),

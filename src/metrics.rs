@@ -15,6 +15,8 @@ pub enum LookupOutcome {
     NegativeHit,
     /// Past its lifetime, served while one background fetch refreshes it.
     Stale,
+    /// Not in this sidecar's cache, found fresh in the fleet's shared tier (Redis).
+    SharedHit,
     /// Not cached, but already being fetched: waited for that fetch.
     Coalesced,
     Miss,
@@ -28,6 +30,7 @@ impl LookupOutcome {
             LookupOutcome::Hit => "hit",
             LookupOutcome::NegativeHit => "negative_hit",
             LookupOutcome::Stale => "stale",
+            LookupOutcome::SharedHit => "shared_hit",
             LookupOutcome::Coalesced => "coalesced",
             LookupOutcome::Miss => "miss",
             LookupOutcome::Unverified => "unverified",
@@ -166,6 +169,7 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub redis_errors: IntCounter,
     pub fleet_fallbacks: IntCounter,
+    pub redis_writes: IntCounter,
 }
 
 /// The `class` label of `tpns_cache_responses_total`: what a TPNS client makes of the answer.
@@ -348,8 +352,13 @@ impl Metrics {
             "tpns_cache_fleet_fallbacks_total",
             "Fleet mode: upstream calls admitted by the local fallback limiter because Redis was unavailable.",
         )?;
+        let redis_writes = IntCounter::new(
+            "tpns_cache_redis_writes_total",
+            "Fleet mode: answers written to the shared tier.",
+        )?;
         for c in [
-            Box::new(redis_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_writes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_up.clone()),
             Box::new(redis_errors.clone()),
             Box::new(fleet_fallbacks.clone()),
             Box::new(memo_hits.clone()),
@@ -408,6 +417,7 @@ impl Metrics {
             redis_up,
             redis_errors,
             fleet_fallbacks,
+            redis_writes,
         })
     }
 

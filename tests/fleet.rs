@@ -232,3 +232,108 @@ async fn redis_down_at_start_does_not_stop_the_sidecar() {
     assert_eq!(sample(&m, "tpns_cache_redis_up"), 0.0);
     assert_eq!(sample(&m, "tpns_cache_fleet_fallbacks_total"), 1.0);
 }
+
+async fn wait_for(p: &Harness, series: &str, at_least: f64) {
+    for _ in 0..200 {
+        if sample(&p.metrics().await, series) >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{series} never reached {at_least}");
+}
+
+async fn fleet_of_three(redis: &Redis, base: &Harness) -> Vec<Harness> {
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let url = redis.url();
+        let p = proxy(&base.sim, base.sim_addr, |c| {
+            c.redis.url = url;
+            c.cache.invalidate_again_after = Duration::ZERO;
+        })
+        .await;
+        wait_for(&p, "tpns_cache_redis_up", 1.0).await;
+        // Each proxy's credential is accepted (a first request goes upstream whole).
+        assert_eq!(
+            p.query(&tokens_body(&[&token_name(1900 + i)]))
+                .await
+                .ret_code(),
+            0
+        );
+        proxies.push(p);
+    }
+    proxies
+}
+
+fn big_sim() -> tpns_cache::sim::SimConfig {
+    tpns_cache::sim::SimConfig {
+        tokens: 2000,
+        ..sim_config()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_sharing_redis_fetch_each_cold_identifier_once() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    let proxies = fleet_of_three(&redis, &base).await;
+    base.sim.reset_stats();
+    let names: Vec<String> = (0..20).map(token_name).collect();
+    let body = tokens_body(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let first = proxies[0].query(&body).await;
+    assert_eq!(first.ret_code(), 0);
+    wait_for(&proxies[0], "tpns_cache_redis_writes_total", 20.0).await;
+    for p in &proxies[1..] {
+        let r = p.query(&body).await;
+        assert_eq!(r.json(), first.json());
+        assert!(r.cache_status().contains("; hit;"), "{}", r.cache_status());
+        let m = p.metrics().await;
+        assert_eq!(
+            sample(
+                &m,
+                r#"tpns_cache_lookups_total{op="token_accounts",outcome="shared_hit"}"#
+            ),
+            20.0
+        );
+    }
+    assert_eq!(
+        base.upstream_identifiers(),
+        20,
+        "each cold identifier fetched once in total"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_proxy_invalidates_the_others() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    base.sim.bind(APP.0, "tw", "before", 0);
+    let proxies = fleet_of_three(&redis, &base).await;
+    let body = tokens_body(&["tw"]);
+    for p in &proxies {
+        assert!(p.query(&body).await.body_text().contains("before"));
+        assert!(p.query(&body).await.cache_status().contains("; hit;"));
+    }
+    let r = proxies[0]
+        .send(
+            proxies[0].proxy,
+            http::Method::POST,
+            "/v3/device/account/batchoperate",
+            &auth_headers(Some(APP)),
+            r#"{"operator_type":2,"token_accounts":[{"token":"tw","account_list":[{"account":"after"}]}]}"#,
+        )
+        .await;
+    assert_eq!(r.json()["ret_code"], 0);
+    for p in &proxies[1..] {
+        wait_for(
+            p,
+            r#"tpns_cache_invalidated_entries_total{source="fleet"}"#,
+            1.0,
+        )
+        .await;
+    }
+    for p in &proxies {
+        let r = p.query(&body).await;
+        assert!(r.body_text().contains("after"), "{}", r.body_text());
+    }
+}

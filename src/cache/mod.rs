@@ -313,9 +313,32 @@ impl Store {
         self.put_inner(Some(key), answer).await
     }
 
+    /// Stores an answer from the fleet's shared tier with the fresh time it has left there.
+    pub async fn put_fresh_for(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        fresh: Duration,
+    ) -> Arc<Entry> {
+        self.put_with(Some(key), answer, Some(fresh)).await
+    }
+
     async fn put_inner(&self, key: Option<CacheKey>, answer: Answer) -> Arc<Entry> {
+        self.put_with(key, answer, None).await
+    }
+
+    async fn put_with(
+        &self,
+        key: Option<CacheKey>,
+        answer: Answer,
+        fresh_for: Option<Duration>,
+    ) -> Arc<Entry> {
         let lifetime = self.policy.lifetime(&answer);
-        let fresh = lifetime.map_or(Duration::ZERO, |l| self.policy.jittered(l));
+        let fresh = match (lifetime, fresh_for) {
+            (Some(l), Some(left)) => left.min(l),
+            (Some(l), None) => self.policy.jittered(l),
+            (None, _) => Duration::ZERO,
+        };
         let now = self.clock.now();
         let swr = self.policy.stale_while_revalidate;
         let sie = self.policy.stale_if_error;
@@ -421,6 +444,13 @@ impl Store {
 
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// How long entries are kept after their fresh period (the longer stale window).
+    pub fn keep_after_fresh(&self) -> Duration {
+        self.policy
+            .stale_while_revalidate
+            .max(self.policy.stale_if_error)
     }
 }
 

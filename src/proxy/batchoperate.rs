@@ -75,6 +75,9 @@ pub async fn invalidate(
     source: &'static str,
 ) -> Vec<CacheKey> {
     state.store.index().bump_epoch(app);
+    if let Some(fleet) = &state.fleet {
+        fleet.invalidate(app, tokens, accounts, false).await;
+    }
     let keys = state.store.affected(app, tokens, accounts).await;
     let dropped = state.store.invalidate(&keys).await;
     state

@@ -142,7 +142,7 @@ pub struct Fetcher {
     cooldowns: Mutex<HashMap<Arc<str>, tokio::time::Instant>>,
     pub limiter: UpstreamLimiter,
     /// Fleet mode: the shared quota in Redis, and the local limiter used while Redis is away.
-    pub fleet: Option<(crate::fleet::Fleet, UpstreamLimiter)>,
+    pub fleet: Option<(Arc<crate::fleet::Fleet>, UpstreamLimiter)>,
     max_wait: Duration,
     pub breaker: Breaker,
     retry: RetryBudget,
@@ -172,23 +172,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Fetcher {
-    /// Builds the fetcher; in fleet mode, starts connecting to Redis in the background.
-    pub fn new(config: &Config, metrics: &crate::metrics::Metrics) -> Result<Fetcher, String> {
+    /// Builds the fetcher; `fleet` carries the fleet-wide quota when one is configured.
+    pub fn new(config: &Config, fleet: Option<Arc<crate::fleet::Fleet>>) -> Fetcher {
         let s = &config.shield;
         let q = &config.query;
-        let fleet = if config.redis.url.is_empty() {
-            None
-        } else {
-            crate::fleet::Fleet::start(
-                &config.redis.url,
-                config.redis.timeout,
-                &config.redis.key_prefix,
-                &config.upstream.url,
-                s.calls_per_second,
-                s.burst,
-                metrics.clone(),
-            )?
-        };
+        let fleet = fleet.filter(|f| f.has_quota());
         let local_share =
             |rate: u32| ((f64::from(rate) * config.redis.local_share).ceil() as u32).max(1);
         let fleet = fleet.map(|f| {
@@ -202,7 +190,7 @@ impl Fetcher {
             });
             (f, fallback)
         });
-        Ok(Fetcher {
+        Fetcher {
             max_wait: s.max_wait,
             inflight: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -239,7 +227,7 @@ impl Fetcher {
                 + config.upstream.timeout * 2
                 + Duration::from_secs(1),
             fleet,
-        })
+        }
     }
 
     pub fn inflight_count(&self) -> usize {
@@ -414,13 +402,20 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
     let outcome = call(&state, &batch).await;
     let ctx = &batch.ctx;
     match outcome {
-        Ok((answers, epoch)) => {
+        Ok((answers, epoch, generation)) => {
             state.credentials.accept(ctx.fingerprint);
             let mut discarded = 0u64;
+            let mut shared = Vec::new();
             for (item, answer) in batch.items.iter().zip(answers) {
                 let (entry, dropped) = state.store.put_since(item.key.clone(), answer, epoch).await;
                 discarded += u64::from(dropped);
+                if !dropped && generation.is_some() {
+                    shared.push((item.key.clone(), entry.clone()));
+                }
                 let _ = item.tx.send(Some(Ok(entry)));
+            }
+            if let (Some(fleet), Some(gen)) = (&state.fleet, generation) {
+                fleet.write_behind(gen, shared, state.store.keep_after_fresh());
             }
             if discarded > 0 {
                 state.metrics.fetch_discarded.inc_by(discarded);
@@ -450,8 +445,11 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
     }
 }
 
-/// The answers, and the app's write epoch when the call went out.
-async fn call(state: &State, batch: &Pending) -> Result<(Vec<Answer>, u64), FetchError> {
+/// The answers, the app's write epoch when the call went out, and its shared-tier generation.
+async fn call(
+    state: &State,
+    batch: &Pending,
+) -> Result<(Vec<Answer>, u64, Option<u64>), FetchError> {
     let f = &state.fetcher;
     let m = &state.metrics;
     let ctx = &batch.ctx;
@@ -530,6 +528,12 @@ async fn call(state: &State, batch: &Pending) -> Result<(Vec<Answer>, u64), Fetc
     ));
     f.retry.deposit();
     let epoch = state.store.index().epoch(&ctx.access_id);
+    // The app's generation in the shared tier, read before the call: if a write bumps it
+    // meanwhile, what this call brings back is never used from Redis.
+    let generation = match &state.fleet {
+        Some(fleet) => fleet.generation(&ctx.access_id).await,
+        None => None,
+    };
     let mut result = send(state, ctx, n, body.clone()).await;
     if let Err(ProxyError::UpstreamUnreachable(cause)) = &result {
         if f.retry.try_withdraw() && f.limiter.acquire(&ctx.access_id, n).await.is_ok() {
@@ -556,7 +560,7 @@ async fn call(state: &State, batch: &Pending) -> Result<(Vec<Answer>, u64), Fetc
     match parsed {
         Ok((UpstreamAnswer::Elements(answers), _)) => {
             m.upstream(Route::Query, UpstreamOutcome::Ok);
-            Ok((answers, epoch))
+            Ok((answers, epoch, generation))
         }
         Ok((UpstreamAnswer::Failed { ret_code }, body)) => {
             m.upstream(Route::Query, UpstreamOutcome::Refused);

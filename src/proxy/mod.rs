@@ -40,6 +40,8 @@ pub struct State {
     pub metrics: Metrics,
     pub registry: prometheus::Registry,
     pub fetcher: fetch::Fetcher,
+    /// Fleet mode (`redis.url`): the shared tier and invalidations.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
     /// The response memo (`None` when `cache.memo_max_bytes` is 0).
     pub memo: Option<crate::cache::memo::Memo>,
     /// Bearer token for admin write endpoints.

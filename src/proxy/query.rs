@@ -329,6 +329,28 @@ async fn answer(
             }
         }
     }
+    // Fleet mode: what this sidecar lacks may be fresh in the shared tier (one round trip).
+    let mut shared_hits = 0u64;
+    if let (true, Some(fleet)) = (trusted, &state.fleet) {
+        let wanted: Vec<usize> = (0..uniques.len())
+            .filter(|&i| uniques[i].answer.is_none())
+            .collect();
+        if !wanted.is_empty() {
+            let keys: Vec<CacheKey> = wanted.iter().map(|&i| uniques[i].key.clone()).collect();
+            if let Some(found) = fleet.lookup(&access_id, &keys).await {
+                for (&i, hit) in wanted.iter().zip(found) {
+                    if let Some((answer, fresh_for)) = hit {
+                        let entry = state
+                            .store
+                            .put_fresh_for(uniques[i].key.clone(), answer, fresh_for)
+                            .await;
+                        uniques[i].answer = Some(entry);
+                        shared_hits += 1;
+                    }
+                }
+            }
+        }
+    }
     let misses: Vec<usize> = (0..uniques.len())
         .filter(|&i| uniques[i].answer.is_none())
         .collect();
@@ -404,6 +426,7 @@ async fn answer(
     m.lookup(op, LookupOutcome::Hit, hits);
     m.lookup(op, LookupOutcome::NegativeHit, negative_hits);
     m.lookup(op, LookupOutcome::Stale, revalidate.len() as u64);
+    m.lookup(op, LookupOutcome::SharedHit, shared_hits);
     m.lookup(op, LookupOutcome::Coalesced, coalesced);
     let fresh_misses = misses.len() as u64 - coalesced;
     let miss_outcome = if trusted {
