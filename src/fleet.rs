@@ -255,6 +255,59 @@ impl Fleet {
         )
     }
 
+    /// Takes a short lease on each key (SET NX PX): `true` where this sidecar should fetch,
+    /// `false` where another sidecar is fetching it right now. `None` when Redis does not answer
+    /// (then every key is this sidecar's to fetch).
+    pub async fn take_leases(
+        &self,
+        keys: &[crate::cache::CacheKey],
+        lease_for: Duration,
+    ) -> Option<Vec<bool>> {
+        let mut pipe = redis::pipe();
+        let px = u64::try_from(lease_for.as_millis()).unwrap_or(1000).max(1);
+        for k in keys {
+            pipe.cmd("SET")
+                .arg(self.lease_key(k))
+                .arg(self.origin)
+                .arg("NX")
+                .arg("PX")
+                .arg(px);
+        }
+        let mut conn = self.connection()?;
+        match tokio::time::timeout(
+            self.timeout,
+            pipe.query_async::<Vec<Option<String>>>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(v)) if v.len() == keys.len() => {
+                self.mark(true);
+                Some(v.into_iter().map(|r| r.is_some()).collect())
+            }
+            _ => {
+                self.metrics.redis_errors.inc();
+                self.mark(false);
+                None
+            }
+        }
+    }
+
+    /// Gives leases back early (after a failed fetch, so others do not wait for nothing).
+    pub async fn release_leases(&self, keys: &[crate::cache::CacheKey]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("DEL");
+        for k in keys {
+            cmd.arg(self.lease_key(k));
+        }
+        let _: Option<u64> = self.run(cmd).await;
+    }
+
+    fn lease_key(&self, key: &crate::cache::CacheKey) -> String {
+        self.entry_key(key).replacen(":v1:e:", ":v1:l:", 1)
+    }
+
     /// The app's current generation (`None` when Redis does not answer).
     pub async fn generation(&self, app: &str) -> Option<u64> {
         let v: Option<u64> = self

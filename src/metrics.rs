@@ -170,6 +170,7 @@ pub struct Metrics {
     pub redis_errors: IntCounter,
     pub fleet_fallbacks: IntCounter,
     pub redis_writes: IntCounter,
+    pub lease_waits: IntCounter,
 }
 
 /// The `class` label of `tpns_cache_responses_total`: what a TPNS client makes of the answer.
@@ -356,8 +357,13 @@ impl Metrics {
             "tpns_cache_redis_writes_total",
             "Fleet mode: answers written to the shared tier.",
         )?;
+        let lease_waits = IntCounter::new(
+            "tpns_cache_fleet_lease_waits_total",
+            "Fleet mode: identifiers another sidecar was fetching, answered from the shared tier instead of fetched again.",
+        )?;
         for c in [
-            Box::new(redis_writes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(lease_waits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_writes.clone()),
             Box::new(redis_up.clone()),
             Box::new(redis_errors.clone()),
             Box::new(fleet_fallbacks.clone()),
@@ -418,6 +424,7 @@ impl Metrics {
             redis_errors,
             fleet_fallbacks,
             redis_writes,
+            lease_waits,
         })
     }
 

@@ -337,3 +337,52 @@ async fn a_write_through_one_proxy_invalidates_the_others() {
         assert!(r.body_text().contains("after"), "{}", r.body_text());
     }
 }
+
+/// Leases: three proxies missing the same cold identifiers at the same instant fetch them from
+/// the upstream once in total (the others wait for the shared tier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_on_three_proxies_fetch_each_identifier_once() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    let proxies: Vec<Arc<Harness>> = fleet_of_three(&redis, &base)
+        .await
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    base.sim.reset_stats();
+    base.sim.set_faults(tpns_cache::sim::Faults {
+        latency_ms: 300,
+        ..Default::default()
+    });
+    let names: Vec<String> = (200..230).map(token_name).collect();
+    let body = tokens_body(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let tasks: Vec<_> = proxies
+        .iter()
+        .map(|p| {
+            let (p, body) = (p.clone(), body.clone());
+            tokio::spawn(async move { p.query(&body).await.json() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert!(answers.iter().all(|a| *a == answers[0]));
+    assert_eq!(answers[0]["result"].as_array().unwrap().len(), 30);
+    let waited: f64 = {
+        let mut n = 0.0;
+        for p in &proxies {
+            n += sample(&p.metrics().await, "tpns_cache_fleet_lease_waits_total");
+        }
+        n
+    };
+    println!(
+        "3 proxies, same 30 cold ids at once: {} identifiers upstream, {waited} answered by waiting on another sidecar's lease",
+        base.upstream_identifiers()
+    );
+    assert_eq!(
+        base.upstream_identifiers(),
+        30,
+        "each identifier fetched once in total"
+    );
+}

@@ -398,7 +398,79 @@ fn enqueue(state: &Arc<State>, ctx: &Arc<RequestContext>, items: Vec<BatchItem>)
 }
 
 /// Makes the upstream call for one batch and resolves its flights.
+/// Removes a finished flight from the in-flight table (only if it is still this flight).
+fn land(state: &State, fingerprint: Fingerprint, key: CacheKey, flight_id: u64) {
+    let mut inflight = lock(&state.fetcher.inflight);
+    let fk = (fingerprint, key);
+    if inflight.get(&fk).is_some_and(|(id, _)| *id == flight_id) {
+        inflight.remove(&fk);
+    }
+}
+
+/// Fleet mode: takes a lease on each identifier; those another sidecar is fetching right now are
+/// awaited in the shared tier (bounded by the lease, itself at most `upstream.timeout`) instead
+/// of being fetched again. Returns the batch of what this sidecar must still fetch.
+async fn settle_leased(state: &State, fleet: &crate::fleet::Fleet, mut batch: Pending) -> Pending {
+    let ctx = batch.ctx.clone();
+    // Only a credential the upstream has accepted may be answered from shared data.
+    if !state.credentials.is_accepted(&ctx.fingerprint) {
+        return batch;
+    }
+    let lease_for = state.config.upstream.timeout.min(Duration::from_secs(3));
+    let keys: Vec<CacheKey> = batch.items.iter().map(|i| i.key.clone()).collect();
+    let Some(owned) = fleet.take_leases(&keys, lease_for).await else {
+        return batch;
+    };
+    if owned.iter().all(|o| *o) {
+        return batch;
+    }
+    let mut mine = Vec::new();
+    let mut waiting = Vec::new();
+    for (item, own) in std::mem::take(&mut batch.items).into_iter().zip(owned) {
+        if own {
+            mine.push(item);
+        } else {
+            waiting.push(item);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + lease_for;
+    while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let keys: Vec<CacheKey> = waiting.iter().map(|i| i.key.clone()).collect();
+        let Some(found) = fleet.lookup(&ctx.access_id, &keys).await else {
+            break;
+        };
+        let mut still = Vec::new();
+        for (item, hit) in waiting.into_iter().zip(found) {
+            match hit {
+                Some((answer, fresh_for)) => {
+                    let entry = state
+                        .store
+                        .put_fresh_for(item.key.clone(), answer, fresh_for)
+                        .await;
+                    state.metrics.lease_waits.inc();
+                    let _ = item.tx.send(Some(Ok(entry)));
+                    land(state, ctx.fingerprint, item.key, item.flight_id);
+                }
+                None => still.push(item),
+            }
+        }
+        waiting = still;
+    }
+    // Not there in time (the other sidecar failed or is slow): fetch them here after all.
+    mine.extend(waiting);
+    batch.items = mine;
+    batch
+}
+
 async fn run_batch(state: Arc<State>, batch: Pending) {
+    let batch = match state.fleet.clone() {
+        Some(fleet) => settle_leased(&state, &fleet, batch).await,
+        None => batch,
+    };
+    if batch.items.is_empty() {
+        return;
+    }
     let outcome = call(&state, &batch).await;
     let ctx = &batch.ctx;
     match outcome {
@@ -422,6 +494,10 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
             }
         }
         Err(e) => {
+            if let Some(fleet) = &state.fleet {
+                let keys: Vec<CacheKey> = batch.items.iter().map(|i| i.key.clone()).collect();
+                fleet.release_leases(&keys).await;
+            }
             if let FetchError::Refused { ret_code, .. } = &e {
                 if is_auth_failure(*ret_code) {
                     state.credentials.forget(&ctx.fingerprint);
@@ -433,15 +509,9 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
             }
         }
     }
-    let mut inflight = lock(&state.fetcher.inflight);
+    let fingerprint = ctx.fingerprint;
     for item in batch.items {
-        let fk = (ctx.fingerprint, item.key);
-        if inflight
-            .get(&fk)
-            .is_some_and(|(id, _)| *id == item.flight_id)
-        {
-            inflight.remove(&fk);
-        }
+        land(&state, fingerprint, item.key, item.flight_id);
     }
 }
 
