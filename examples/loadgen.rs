@@ -17,6 +17,8 @@
 //!   against distinct identifiers (coalescing makes it 1.00).
 //! - `direct`: the start of the zipf trace sent straight to the simulator, and to a cold proxy,
 //!   for the latency the proxy adds on a miss.
+//! - `fleet`: the zipf trace spread over 4 sidecars, without and with the shared Redis tier
+//!   (needs `redis-server`).
 //! - `replay`: the zipf trace sent to `--target` (used by `benches/compare-nginx.sh`).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -149,6 +151,14 @@ struct Proxy {
 static NO_MEMO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn start_proxy(upstream: SocketAddr, max_bytes: u64) -> Proxy {
+    start_proxy_with(upstream, max_bytes, |_| {})
+}
+
+fn start_proxy_with(
+    upstream: SocketAddr,
+    max_bytes: u64,
+    tweak: impl FnOnce(&mut Config),
+) -> Proxy {
     let rt = runtime("proxy");
     let mut c = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -165,6 +175,7 @@ fn start_proxy(upstream: SocketAddr, max_bytes: u64) -> Proxy {
     if NO_MEMO.load(Ordering::Relaxed) {
         c.cache.memo_max_bytes = bytesize::ByteSize::b(0);
     }
+    tweak(&mut c);
     let listeners = rt.block_on(tpns_cache::Listeners::bind(&c)).expect("bind");
     let addr = listeners.proxy.local_addr().expect("addr");
     let admin = listeners.admin.local_addr().expect("addr");
@@ -265,15 +276,25 @@ fn client(concurrency: usize) -> HttpClient {
 
 /// Sends every body to `url`, `concurrency` at a time (closed loop).
 fn drive(rt: &Runtime, url: &str, bodies: Arc<Vec<Bytes>>, concurrency: usize) -> RunStats {
-    let url: Arc<str> = Arc::from(url);
+    drive_many(rt, &[url.to_owned()], bodies, concurrency)
+}
+
+/// Like [`drive`], request i going to `urls[i % urls.len()]`.
+fn drive_many(
+    rt: &Runtime,
+    urls: &[String],
+    bodies: Arc<Vec<Bytes>>,
+    concurrency: usize,
+) -> RunStats {
+    let urls: Arc<Vec<String>> = Arc::new(urls.to_vec());
     rt.block_on(async move {
         let client = client(concurrency);
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
-            let (client, next, bodies, url) =
-                (client.clone(), next.clone(), bodies.clone(), url.clone());
+            let (client, next, bodies, urls) =
+                (client.clone(), next.clone(), bodies.clone(), urls.clone());
             tasks.push(tokio::spawn(async move {
                 let mut hist =
                     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
@@ -281,7 +302,7 @@ fn drive(rt: &Runtime, url: &str, bodies: Arc<Vec<Bytes>>, concurrency: usize) -
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(body) = bodies.get(i) else { break };
-                    let req = Request::post(&*url)
+                    let req = Request::post(&urls[i % urls.len()])
                         .header("authorization", auth())
                         .header("content-type", "application/json")
                         .body(Full::new(body.clone()))
@@ -702,6 +723,95 @@ fn direct(args: &Args, report: &mut serde_json::Map<String, Value>) {
     );
 }
 
+/// The zipf trace spread round-robin over 4 sidecars, each with its own cache of
+/// `capacity_share` of the identifiers: upstream identifiers without and with the shared tier.
+fn fleet(args: &Args, report: &mut serde_json::Map<String, Value>) {
+    const SIDECARS: usize = 4;
+    let capacity = ((args.ids as f64) * args.capacity_share) as usize;
+    println!(
+        "\n== fleet: the zipf trace ({} requests) over {SIDECARS} sidecars, each caching {capacity} entries, without and with the shared Redis tier",
+        args.requests
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port());
+    let child = port.ok().and_then(|port| {
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()
+            .map(|c| (c, port))
+    });
+    let Some((mut child, port)) = child else {
+        println!("skipped: redis-server is not installed (apt-get install redis-server)");
+        return;
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let trace = zipf_trace(args.ids, args.exponent, args.requests, args.seed);
+    let bodies: Arc<Vec<Bytes>> = Arc::new(trace.iter().map(|b| tokens_body(b)).collect());
+    let weight = entry_weight();
+    let mut rows = Vec::new();
+    println!(
+        "{:>14} {:>14} {:>14} {:>10}",
+        "", "upstream ids", "upstream calls", "req/s"
+    );
+    for shared in [false, true] {
+        let sim = start_sim(args.ids);
+        let proxies: Vec<Proxy> = (0..SIDECARS)
+            .map(|_| {
+                start_proxy_with(sim.addr, weight * capacity as u64, |c| {
+                    if shared {
+                        c.redis.url = format!("redis://127.0.0.1:{port}/0");
+                    }
+                })
+            })
+            .collect();
+        let load = runtime("load");
+        std::thread::sleep(Duration::from_millis(1500)); // connected to Redis
+        let urls: Vec<String> = proxies
+            .iter()
+            .map(|p| format!("http://{}/v3/device/account/query", p.addr))
+            .collect();
+        for u in &urls {
+            send_once(&load, u, tokens_body(&[args.ids - 1]));
+        }
+        sim.sim.reset_stats();
+        let r = drive_many(&load, &urls, bodies.clone(), args.concurrency);
+        let stats = sim.sim.stats();
+        let ids = stats.identifiers("/v3/device/account/query");
+        let calls = stats.requests("/v3/device/account/query");
+        let label = if shared { "shared tier" } else { "own caches" };
+        println!("{label:>14} {ids:>14} {calls:>14} {:>10.0}", r.rps());
+        rows.push(
+            json!({"shared_tier": shared, "upstream_identifiers": ids, "upstream_calls": calls,
+                         "run": r.json()}),
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    if let [a, b] = &rows[..] {
+        let (x, y) = (
+            a["upstream_identifiers"].as_f64().unwrap_or(0.0),
+            b["upstream_identifiers"].as_f64().unwrap_or(1.0),
+        );
+        println!(
+            "the shared tier sends {:.2}x fewer identifiers upstream",
+            x / y.max(1.0)
+        );
+    }
+    report.insert("fleet".into(), Value::Array(rows));
+}
+
 fn replay(args: &Args, report: &mut serde_json::Map<String, Value>) {
     let target = args
         .target
@@ -743,6 +853,7 @@ fn main() {
         ("zipf", zipf),
         ("cold-burst", cold_burst),
         ("direct", direct),
+        ("fleet", fleet),
     ] {
         if all || args.scenario == name {
             f(&args, &mut report);
