@@ -13,18 +13,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Request, Response};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::auth::{ClientAuth, UpstreamAuth};
 use super::passthrough::forward_buffered;
 use super::{error_response, State};
-use crate::api::error::ProxyError;
 use crate::api::ErrorShape;
 use crate::cache::CacheKey;
 use crate::metrics::{RequestOutcome, Route};
-use crate::upstream::{error_chain, full, ProxyBody};
+use crate::upstream::{full, ProxyBody};
 
 /// The tokens and accounts a batchoperate body names (any operator type), or `None` when the
 /// body is not one (the upstream will refuse it; nothing to invalidate).
@@ -129,24 +127,9 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
     let started = Instant::now();
     let (app, trusted, inject) = app_of(state, &req);
     let (parts, body) = req.into_parts();
-    let limit = state.config.limits.max_body_bytes.as_u64();
-    let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
-    let bytes = match tokio::time::timeout(state.config.limits.body_read_timeout, read).await {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) => {
-            let err = if e.is::<http_body_util::LengthLimitError>() {
-                ProxyError::BodyTooLarge { limit }
-            } else {
-                ProxyError::ClientBody(error_chain(e.as_ref()))
-            };
-            return error_response(ErrorShape::Snake, &err);
-        }
-        Err(_) => {
-            return error_response(
-                ErrorShape::Snake,
-                &ProxyError::ClientTimeout(state.config.limits.body_read_timeout),
-            )
-        }
+    let bytes = match super::read_body(body, &parts.headers, &state.config.limits).await {
+        Ok(b) => b,
+        Err(e) => return error_response(ErrorShape::Snake, &e),
     };
     let named = app
         .as_ref()

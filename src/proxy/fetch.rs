@@ -269,29 +269,7 @@ pub fn fetch(
     ctx: &Arc<RequestContext>,
     items: Vec<(CacheKey, Box<RawValue>)>,
 ) -> Vec<(Waiter, bool)> {
-    let f = &state.fetcher;
-    let mut waiters = Vec::with_capacity(items.len());
-    let mut new_items = Vec::new();
-    {
-        let mut inflight = lock(&f.inflight);
-        for (key, raw) in items {
-            let fk = (ctx.fingerprint, key);
-            if let Some((_, rx)) = inflight.get(&fk) {
-                waiters.push((Waiter(rx.clone()), true));
-                continue;
-            }
-            let (tx, rx) = watch::channel(None);
-            let flight_id = f.next_id();
-            inflight.insert(fk.clone(), (flight_id, rx.clone()));
-            waiters.push((Waiter(rx), false));
-            new_items.push(BatchItem {
-                key: fk.1,
-                flight_id,
-                raw,
-                tx,
-            });
-        }
-    }
+    let (waiters, new_items) = register(&state.fetcher, ctx.fingerprint, items);
     enqueue(state, ctx, new_items);
     waiters
 }
@@ -303,29 +281,40 @@ pub fn refresh(
     ctx: &Arc<RequestContext>,
     items: Vec<(CacheKey, Box<RawValue>)>,
 ) -> usize {
-    let f = &state.fetcher;
-    let mut new_items = Vec::new();
-    {
-        let mut inflight = lock(&f.inflight);
-        for (key, raw) in items {
-            let fk = (ctx.fingerprint, key);
-            if inflight.contains_key(&fk) {
-                continue;
-            }
-            let (tx, rx) = watch::channel(None);
-            let flight_id = f.next_id();
-            inflight.insert(fk.clone(), (flight_id, rx));
-            new_items.push(BatchItem {
-                key: fk.1,
-                flight_id,
-                raw,
-                tx,
-            });
-        }
-    }
+    let (_, new_items) = register(&state.fetcher, ctx.fingerprint, items);
     let n = new_items.len();
     enqueue(state, ctx, new_items);
     n
+}
+
+/// Under one lock: joins the flight of each key already in the air and registers a new flight
+/// for the others. Returns a waiter per item (and whether it joined) and the new flights.
+fn register(
+    f: &Fetcher,
+    fingerprint: Fingerprint,
+    items: Vec<(CacheKey, Box<RawValue>)>,
+) -> (Vec<(Waiter, bool)>, Vec<BatchItem>) {
+    let mut waiters = Vec::with_capacity(items.len());
+    let mut new_items = Vec::new();
+    let mut inflight = lock(&f.inflight);
+    for (key, raw) in items {
+        let fk = (fingerprint, key);
+        if let Some((_, rx)) = inflight.get(&fk) {
+            waiters.push((Waiter(rx.clone()), true));
+            continue;
+        }
+        let (tx, rx) = watch::channel(None);
+        let flight_id = f.next_id();
+        inflight.insert(fk.clone(), (flight_id, rx.clone()));
+        waiters.push((Waiter(rx), false));
+        new_items.push(BatchItem {
+            key: fk.1,
+            flight_id,
+            raw,
+            tx,
+        });
+    }
+    (waiters, new_items)
 }
 
 fn enqueue(state: &Arc<State>, ctx: &Arc<RequestContext>, items: Vec<BatchItem>) {

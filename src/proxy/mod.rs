@@ -12,6 +12,12 @@ pub mod query;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::HeaderMap;
+use http_body_util::{BodyExt, Limited};
+
+use crate::config::LimitsConfig;
+use crate::upstream::error_chain;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -100,4 +106,30 @@ pub fn error_response(shape: ErrorShape, e: &ProxyError) -> Response<ProxyBody> 
 pub fn cache_status(params: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("{CACHE_NAME}; {params}"))
         .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+}
+
+/// Reads a client's whole body (every path that must see it), refusing it early when `Content-Length` already breaks the limit and
+/// as soon as the stream does (it is never buffered past the limit).
+pub async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limits: &LimitsConfig,
+) -> Result<Bytes, ProxyError> {
+    let limit = limits.max_body_bytes.as_u64();
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
+        Err(_) => Err(ProxyError::ClientTimeout(limits.body_read_timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Ok(Err(e)) => Err(ProxyError::ClientBody(error_chain(e.as_ref()))),
+    }
 }

@@ -182,29 +182,11 @@ async fn forward_signed(
     req: Request<Incoming>,
     auth: &super::auth::UpstreamAuth,
 ) -> (Response<ProxyBody>, RequestOutcome) {
-    use crate::api::error::ProxyError;
     let shape = ErrorShape::for_path(req.uri().path());
     let (parts, body) = req.into_parts();
-    let limits = &state.config.limits;
-    let limit = limits.max_body_bytes.as_u64();
-    let read =
-        http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
-    let bytes = match tokio::time::timeout(limits.body_read_timeout, read).await {
-        Ok(Ok(c)) => c.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return (
-                error_response(shape, &ProxyError::BodyTooLarge { limit }),
-                RequestOutcome::Invalid,
-            )
-        }
-        Ok(Err(e)) => {
-            let e = ProxyError::ClientBody(crate::upstream::error_chain(e.as_ref()));
-            return (error_response(shape, &e), RequestOutcome::Invalid);
-        }
-        Err(_) => {
-            let e = ProxyError::ClientTimeout(limits.body_read_timeout);
-            return (error_response(shape, &e), RequestOutcome::Invalid);
-        }
+    let bytes = match super::read_body(body, &parts.headers, &state.config.limits).await {
+        Ok(b) => b,
+        Err(e) => return (error_response(shape, &e), RequestOutcome::Invalid),
     };
     match forward_buffered(state, parts, bytes, Some(auth)).await {
         Ok((head, body)) => (

@@ -15,25 +15,24 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
 use super::auth::{ClientAuth, Fingerprint, UpstreamAuth};
 use super::fetch::{self, FetchError, RequestContext};
 use super::{
-    cache_status, error_response, json_response, passthrough, RetCode, State, CACHE_STATUS,
+    cache_status, error_response, json_response, passthrough, read_body, RetCode, State,
+    CACHE_STATUS,
 };
 use crate::api::error::ProxyError;
 use crate::api::query::{parse_request, stitch, top_level_code, Answer, Limits, QueryRequest};
 use crate::api::{code, ErrorShape};
 use crate::cache::memo::Memoized;
 use crate::cache::{CacheKey, Entry, Lookup};
-use crate::config::LimitsConfig;
 use crate::metrics::{LookupOutcome, RequestOutcome, Route};
-use crate::upstream::{error_chain, ProxyBody};
+use crate::upstream::ProxyBody;
 
 pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -194,32 +193,6 @@ fn from_memo(
     resp.headers_mut()
         .insert(CACHE_STATUS, cache_status(&m.cache_status));
     Some((resp, RequestOutcome::Hit))
-}
-
-/// Reads the whole body, refusing it early when `Content-Length` already breaks the limit and
-/// as soon as the stream does (it is never buffered past the limit).
-async fn read_body(
-    body: Incoming,
-    headers: &HeaderMap,
-    limits: &LimitsConfig,
-) -> Result<Bytes, ProxyError> {
-    let limit = limits.max_body_bytes.as_u64();
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(limits.body_read_timeout, limited.collect()).await {
-        Err(_) => Err(ProxyError::ClientTimeout(limits.body_read_timeout)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
-        }
-        Ok(Err(e)) => Err(ProxyError::ClientBody(error_chain(e.as_ref()))),
-    }
 }
 
 /// Headers of an upstream sub-request (credentials are added per call): the client's user
