@@ -536,8 +536,10 @@ async fn call(
             )
         }
     };
+    // Quota: the fleet's (or, while Redis is away, the local share of it), then this sidecar's.
+    let mut denied: Option<(Duration, &'static str)> = None;
     if let Some((fleet, fallback)) = &f.fleet {
-        let denied = match fleet.acquire(f.max_wait).await {
+        denied = match fleet.acquire(f.max_wait).await {
             Ok(waited) => {
                 m.limiter_wait_seconds.observe(waited.as_secs_f64());
                 None
@@ -554,31 +556,25 @@ async fn call(
                 }
             }
         };
-        if let Some((wait, reason)) = denied {
-            m.limiter_rejections.with_label_values(&[reason]).inc();
-            return refuse(
-                ProxyError::RateLimited {
-                    retry_after: wait.max(Duration::from_secs(1)),
-                    reason,
-                },
-                UpstreamOutcome::RateLimited,
-            );
-        }
     }
-    match f.limiter.acquire(&ctx.access_id, n).await {
-        Ok(waited) => m.limiter_wait_seconds.observe(waited.as_secs_f64()),
-        Err(denied) => {
-            m.limiter_rejections
-                .with_label_values(&[denied.as_str()])
-                .inc();
-            return refuse(
-                ProxyError::RateLimited {
-                    retry_after: denied.retry_after(),
-                    reason: denied.as_str(),
-                },
-                UpstreamOutcome::RateLimited,
-            );
-        }
+    if denied.is_none() {
+        denied = match f.limiter.acquire(&ctx.access_id, n).await {
+            Ok(waited) => {
+                m.limiter_wait_seconds.observe(waited.as_secs_f64());
+                None
+            }
+            Err(d) => Some((d.retry_after(), d.as_str())),
+        };
+    }
+    if let Some((wait, reason)) = denied {
+        m.limiter_rejections.with_label_values(&[reason]).inc();
+        return refuse(
+            ProxyError::RateLimited {
+                retry_after: wait.max(Duration::from_secs(1)),
+                reason,
+            },
+            UpstreamOutcome::RateLimited,
+        );
     }
     let body = Bytes::from(build_upstream_body(
         ctx.op,
