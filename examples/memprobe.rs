@@ -2,6 +2,11 @@
 //! about 150 bytes and prints the process RSS growth per entry, next to the weigher's count.
 //!
 //! `cargo run --release --example memprobe -- [N]` (default 1 000 000).
+//!
+//! `cargo run --release --example memprobe -- pad [N] [PAD_BYTES] [MAX_BYTES]` plays a client that
+//! sends `{"operator_type":2,"token_list":["nx-<n>"],"pad":"<PAD_BYTES, unique>"}` N times (default
+//! 2 000 × 900 000 bytes into a 64 MiB cache): every answer is a negative entry whose key pins
+//! its own large top-level scope. RSS must stay within `MAX_BYTES` plus the fixed overhead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +27,76 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
+    std::env::args()
+        .nth(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Negative entries whose keys each pin a large, unique top-level scope.
+async fn pad() {
+    let n: usize = arg(2, 2_000);
+    let pad_bytes: usize = arg(3, 900_000);
+    let max_bytes: u64 = arg(4, 64 << 20);
+    let store = Store::new(
+        max_bytes,
+        Policy::fresh_only(Duration::from_secs(3600), Duration::from_secs(3600)),
+        Clock::default(),
+    );
+    let upstream: Arc<str> = Arc::from("https://api.tpns.tencent.com");
+    let app: Arc<str> = Arc::from("1500001048");
+    store.sync().await;
+    let before = rss_bytes();
+    let mut peak = before;
+    for i in 0..n {
+        // The canonical scope of {"pad":"<unique>"}, as the query path derives it.
+        let scope = format!("{{\"pad\":\"{i:08}{}\"}}", "x".repeat(pad_bytes));
+        let key = CacheKey::new(
+            upstream.clone(),
+            app.clone(),
+            Some(Arc::from(scope.as_str())),
+            Ident::Token(format!("nx-{i}").into_boxed_str()),
+        );
+        drop(scope);
+        let answer = Answer {
+            code: ElementCode::NotFound,
+            element: None,
+        };
+        store.put(key, answer).await;
+        if i % 16 == 0 {
+            store.sync().await;
+            peak = peak.max(rss_bytes());
+        }
+    }
+    store.sync().await;
+    let after = rss_bytes();
+    peak = peak.max(after);
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("pattern            {n} negative entries, each key pinning a {pad_bytes}-byte scope");
+    println!("offered            {:.1} MiB", mib((n * pad_bytes) as u64));
+    println!("cache.max_bytes    {:.1} MiB", mib(max_bytes));
+    println!("entries kept       {}", store.entry_count());
+    println!("weighted           {:.1} MiB", mib(store.weighted_bytes()));
+    println!(
+        "RSS before/after   {:.1} MiB / {:.1} MiB (peak {:.1} MiB)",
+        mib(before),
+        mib(after),
+        mib(peak)
+    );
+    println!(
+        "RSS growth         {:.1} MiB = {:.2}× cache.max_bytes",
+        mib(after.saturating_sub(before)),
+        after.saturating_sub(before) as f64 / max_bytes as f64
+    );
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    if std::env::args().nth(1).as_deref() == Some("pad") {
+        return pad().await;
+    }
+    let n: usize = arg(1, 1_000_000);
     let store = Store::new(
         64 << 30,
         Policy::fresh_only(Duration::from_secs(3600), Duration::from_secs(3600)),

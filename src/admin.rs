@@ -100,7 +100,7 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
         );
     }
     let app: Arc<str> = Arc::from(p.access_id.as_str());
-    state.store.index().bump_epoch(&app);
+    let write = state.store.begin_write(&app);
     if let Some(fleet) = &state.fleet {
         fleet
             .invalidate(
@@ -123,6 +123,7 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
             keys
         }
     };
+    drop(write);
     state
         .metrics
         .invalidated

@@ -60,6 +60,13 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SIGNATURE_MAX_SKEW: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 32;
+/// A query has at most four documented top-level fields; unknown ones are passed through.
+pub const DEFAULT_MAX_FIELDS: usize = 64;
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_REFUSED_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_REFUSED_MAX: u64 = 10_000;
+pub const DEFAULT_UNVERIFIED_SHARE: f64 = 0.1;
 pub const DEFAULT_MAX_HEADER_BYTES: u64 = 16 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_ACCEPTED_TTL: Duration = Duration::from_secs(300);
@@ -223,6 +230,10 @@ pub struct ShieldConfig {
     /// After the upstream answers 1008028 for an app, no calls for it for this long.
     #[serde(with = "humantime_serde")]
     pub rate_limited_cooldown: Duration,
+    /// Share of `calls_per_second` (and `burst`) that calls made for credentials the upstream
+    /// has not accepted yet may use, so a flood of wrong secrets cannot spend the quota of the
+    /// apps whose credentials are good (0.0–1.0).
+    pub unverified_share: f64,
     /// Retries earned per upstream call (a failed sub-request is retried once on a connection
     /// error while the budget allows); 0 = no retries.
     pub retry_budget_ratio: f64,
@@ -259,6 +270,14 @@ pub struct LimitsConfig {
     pub body_read_timeout: Duration,
     /// Deepest JSON nesting accepted in a query body.
     pub max_json_depth: usize,
+    /// Most members of a query's top-level object and of each `account_list` element.
+    pub max_fields: usize,
+    /// Most request-body bytes held in memory at once, over all connections; a request that
+    /// would pass it is answered 503 at once.
+    pub max_buffered_bytes: ByteSize,
+    /// A response that the client does not take within this time ends the connection.
+    #[serde(with = "humantime_serde")]
+    pub response_write_timeout: Duration,
     /// Largest request head (request line + headers); larger ones get HTTP 431.
     pub max_header_bytes: ByteSize,
     /// Most client connections open at once on the proxy listener; more wait to be accepted.
@@ -273,6 +292,12 @@ pub struct AuthConfig {
     pub accepted_ttl: Duration,
     /// Most accepted credentials remembered (as keyed hashes).
     pub accepted_max: u64,
+    /// A credential the upstream refused (1008003, 10030002) is answered 1008003 locally for
+    /// this long, without another upstream call.
+    #[serde(with = "humantime_serde")]
+    pub refused_ttl: Duration,
+    /// Most refused credentials remembered (as keyed hashes).
+    pub refused_max: u64,
     /// Largest difference allowed between a signed request's `TimeStamp` and the proxy's clock.
     #[serde(with = "humantime_serde")]
     pub signature_max_skew: Duration,
@@ -397,6 +422,7 @@ impl Default for Config {
                 max_wait: DEFAULT_MAX_WAIT,
                 max_queue: DEFAULT_MAX_QUEUE,
                 rate_limited_cooldown: DEFAULT_RATE_LIMITED_COOLDOWN,
+                unverified_share: DEFAULT_UNVERIFIED_SHARE,
                 retry_budget_ratio: DEFAULT_RETRY_BUDGET_RATIO,
                 breaker_failures: DEFAULT_BREAKER_FAILURES,
                 breaker_open_for: DEFAULT_BREAKER_OPEN_FOR,
@@ -412,12 +438,17 @@ impl Default for Config {
                 header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
                 max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+                max_fields: DEFAULT_MAX_FIELDS,
+                max_buffered_bytes: ByteSize::b(DEFAULT_MAX_BUFFERED_BYTES),
+                response_write_timeout: DEFAULT_RESPONSE_WRITE_TIMEOUT,
                 max_header_bytes: ByteSize::b(DEFAULT_MAX_HEADER_BYTES),
                 max_connections: DEFAULT_MAX_CONNECTIONS,
             },
             auth: AuthConfig {
                 accepted_ttl: DEFAULT_ACCEPTED_TTL,
                 accepted_max: DEFAULT_ACCEPTED_MAX,
+                refused_ttl: DEFAULT_REFUSED_TTL,
+                refused_max: DEFAULT_REFUSED_MAX,
                 signature_max_skew: DEFAULT_SIGNATURE_MAX_SKEW,
                 apps: Vec::new(),
                 inject: None,
@@ -571,6 +602,110 @@ impl Config {
         }
         if !(2..=128).contains(&self.limits.max_json_depth) {
             problems.push("limits.max_json_depth: must be between 2 and 128".to_owned());
+        }
+        if !(4..=10_000).contains(&self.limits.max_fields) {
+            problems.push("limits.max_fields: must be between 4 and 10000".to_owned());
+        }
+        if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
+            problems.push(
+                "limits.max_buffered_bytes: must be at least limits.max_body_bytes".to_owned(),
+            );
+        }
+        if !(self.shield.unverified_share > 0.0 && self.shield.unverified_share <= 1.0) {
+            problems.push(format!(
+                "shield.unverified_share: must be in (0, 1], got {}",
+                self.shield.unverified_share
+            ));
+        }
+        if self.auth.refused_max == 0 {
+            problems.push("auth.refused_max: must be at least 1".to_owned());
+        }
+        // Upper bounds: every duration is added to a clock somewhere, and a huge one would
+        // overflow it. The bounds are far above any sensible setting.
+        let day = Duration::from_secs(86_400);
+        for (key, value, max, shown) in [
+            ("cache.ttl", self.cache.ttl, 30 * day, "30d"),
+            (
+                "cache.negative_ttl",
+                self.cache.negative_ttl,
+                30 * day,
+                "30d",
+            ),
+            (
+                "cache.stale_while_revalidate",
+                self.cache.stale_while_revalidate,
+                30 * day,
+                "30d",
+            ),
+            (
+                "cache.stale_if_error",
+                self.cache.stale_if_error,
+                30 * day,
+                "30d",
+            ),
+            (
+                "upstream.timeout",
+                self.upstream.timeout,
+                Duration::from_secs(600),
+                "10m",
+            ),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                Duration::from_secs(600),
+                "10m",
+            ),
+            (
+                "shield.max_wait",
+                self.shield.max_wait,
+                Duration::from_secs(60),
+                "1m",
+            ),
+            (
+                "shield.rate_limited_cooldown",
+                self.shield.rate_limited_cooldown,
+                Duration::from_secs(3600),
+                "1h",
+            ),
+            (
+                "shield.breaker_open_for",
+                self.shield.breaker_open_for,
+                Duration::from_secs(3600),
+                "1h",
+            ),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+                Duration::from_secs(3600),
+                "1h",
+            ),
+            (
+                "limits.body_read_timeout",
+                self.limits.body_read_timeout,
+                Duration::from_secs(3600),
+                "1h",
+            ),
+            (
+                "limits.response_write_timeout",
+                self.limits.response_write_timeout,
+                Duration::from_secs(3600),
+                "1h",
+            ),
+            ("auth.accepted_ttl", self.auth.accepted_ttl, day, "1d"),
+            ("auth.refused_ttl", self.auth.refused_ttl, day, "1d"),
+            (
+                "auth.signature_max_skew",
+                self.auth.signature_max_skew,
+                day,
+                "1d",
+            ),
+        ] {
+            if value > max {
+                problems.push(format!("{key}: must be at most {shown}"));
+            }
+        }
+        if self.limits.response_write_timeout.is_zero() {
+            problems.push("limits.response_write_timeout: must be greater than 0".to_owned());
         }
         if self.limits.max_header_bytes.as_u64() < 8192 {
             problems.push("limits.max_header_bytes: must be at least 8 KiB".to_owned());
@@ -865,6 +1000,21 @@ mod tests {
                 .expect_err("must fail")
                 .to_string();
             for key in ["upstream.url", "upstream.max_batch", "cache.ttl"] {
+                assert!(msg.contains(key), "{key} missing in {msg}");
+            }
+            Ok(())
+        });
+    }
+
+    /// Regression: lifetimes had no upper bound, so adding one to a clock could overflow.
+    #[test]
+    fn huge_durations_are_refused_by_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("TPNS_CACHE_CACHE__TTL", "100000000y");
+            jail.set_env("TPNS_CACHE_CACHE__STALE_IF_ERROR", "1000y");
+            jail.set_env("TPNS_CACHE_SHIELD__MAX_WAIT", "2h");
+            let msg = Config::load(None).expect_err("must fail").to_string();
+            for key in ["cache.ttl", "cache.stale_if_error", "shield.max_wait"] {
                 assert!(msg.contains(key), "{key} missing in {msg}");
             }
             Ok(())

@@ -13,7 +13,17 @@
 //! app's generation: a write or purge for an app increments its generation in Redis, so every
 //! older shared value of that app stops being used at once, on every sidecar; the same write is
 //! published on a channel so each sidecar also drops the affected entries from its own moka.
-//! Fetch leases across sidecars are not built yet.
+//!
+//! Generations only grow: a bump sets `max(old + 1, Redis TIME in µs)`, and a missing key (never
+//! written, or evicted under `maxmemory`) is created at Redis's current time, above every value
+//! handed out before. So a value stamped with an old generation can never become current again.
+//! When a bump fails, this sidecar fails closed: it uses no shared value of that app until a
+//! retried bump succeeds (a background task retries every second, and lookups retry first).
+//!
+//! Fetch leases: before fetching, a sidecar takes a short lease per identifier (`SET NX PX`
+//! with a token of its own); others wait for the value in the shared tier instead of fetching
+//! too. Leases are released with compare-and-delete (only your own), after the fetched answers
+//! are written, or at once when a fetch fails or writes nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -43,6 +53,53 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 10
 return 0
 "#;
 
+/// Reads an app's generation, creating it at Redis's current time (µs) when it is missing.
+/// Returns it as a string; a value that is not a number is an error (fail closed).
+const GEN_READ: &str = r#"
+local g = redis.call('GET', KEYS[1])
+if not g then
+  local t = redis.call('TIME')
+  g = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[1], g)
+end
+if not tonumber(g) then
+  return redis.error_reply('generation is not a number')
+end
+return g
+"#;
+
+/// Moves an app's generation to max(old + 1, Redis TIME in µs); returns the new value.
+const GEN_BUMP: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1] .. string.format('%06d', tonumber(t[2])))
+local old = redis.call('GET', KEYS[1])
+local g = now
+if old then
+  local n = tonumber(old)
+  if not n then
+    return redis.error_reply('generation is not a number')
+  end
+  if n + 1 > g then g = n + 1 end
+end
+local s = string.format('%.0f', g)
+redis.call('SET', KEYS[1], s)
+return s
+"#;
+
+/// Deletes each lease in KEYS whose value is ARGV[1] (only our own); returns how many.
+const RELEASE: &str = r#"
+local n = 0
+for _, k in ipairs(KEYS) do
+  if redis.call('GET', k) == ARGV[1] then
+    n = n + redis.call('DEL', k)
+  end
+end
+return n
+"#;
+
+/// Most apps whose failed generation bump waits for a retry; past it every app fails closed.
+const MAX_PENDING_BUMPS: usize = 10_000;
+
 /// Why the fleet limiter gave no permit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FleetDenied {
@@ -63,9 +120,22 @@ pub struct Fleet {
     /// (emission interval in µs, burst); `None`: no fleet quota (unlimited rate).
     quota: Option<(u64, u32)>,
     script: redis::Script,
+    gen_read: redis::Script,
+    gen_bump: redis::Script,
+    release: redis::Script,
     metrics: Metrics,
-    /// Identifies this sidecar's own invalidation messages.
+    /// Identifies this sidecar's own invalidation messages and leases.
     origin: u64,
+    /// Apps whose generation bump failed: no shared value of theirs is used until a retry
+    /// succeeds. Keyed by the apps of accepted writes; bounded by `MAX_PENDING_BUMPS`.
+    pending: std::sync::Mutex<PendingBumps>,
+}
+
+#[derive(Debug, Default)]
+struct PendingBumps {
+    apps: std::collections::HashMap<String, InvalidationMsg>,
+    /// The map overflowed: every app fails closed until it is empty again.
+    overflowed: bool,
 }
 
 /// A value of the shared tier (format version 1).
@@ -83,7 +153,7 @@ struct SharedValue {
 }
 
 /// An invalidation published to every sidecar.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct InvalidationMsg {
     o: u64,
     app: String,
@@ -174,8 +244,12 @@ impl Fleet {
             quota: (calls_per_second > 0)
                 .then(|| (1_000_000 / u64::from(calls_per_second), burst.max(1))),
             script: redis::Script::new(GCRA),
+            gen_read: redis::Script::new(GEN_READ),
+            gen_bump: redis::Script::new(GEN_BUMP),
+            release: redis::Script::new(RELEASE),
             metrics,
             origin: u64::from_le_bytes(origin),
+            pending: std::sync::Mutex::new(PendingBumps::default()),
         }))
     }
 
@@ -186,6 +260,34 @@ impl Fleet {
 
     fn connection(&self) -> Option<ConnectionManager> {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Runs a script with the timeout; failures mark Redis down (a script's own error reply
+    /// does not: Redis answered).
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
+        let mut conn = self.connection()?;
+        match tokio::time::timeout(self.timeout, invocation.invoke_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => {
+                self.mark(true);
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.metrics.redis_errors.inc();
+                tracing::debug!(error = %e, "fleet: Redis script error");
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.mark(false);
+                }
+                None
+            }
+            Err(_) => {
+                self.metrics.redis_errors.inc();
+                self.mark(false);
+                None
+            }
+        }
     }
 
     /// Runs a command with the timeout; failures mark Redis down.
@@ -255,6 +357,12 @@ impl Fleet {
         )
     }
 
+    /// The value of this sidecar's leases for one batch (unique per batch, so a release never
+    /// drops a lease taken later, by another sidecar or by another batch of this one).
+    pub fn lease_token(&self, batch: u64) -> String {
+        format!("{:016x}-{batch:x}", self.origin)
+    }
+
     /// Takes a short lease on each key (SET NX PX): `true` where this sidecar should fetch,
     /// `false` where another sidecar is fetching it right now. `None` when Redis does not answer
     /// (then every key is this sidecar's to fetch).
@@ -262,13 +370,14 @@ impl Fleet {
         &self,
         keys: &[crate::cache::CacheKey],
         lease_for: Duration,
+        token: &str,
     ) -> Option<Vec<bool>> {
         let mut pipe = redis::pipe();
         let px = u64::try_from(lease_for.as_millis()).unwrap_or(1000).max(1);
         for k in keys {
             pipe.cmd("SET")
                 .arg(self.lease_key(k))
-                .arg(self.origin)
+                .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(px);
@@ -292,37 +401,67 @@ impl Fleet {
         }
     }
 
-    /// Gives leases back early (after a failed fetch, so others do not wait for nothing).
-    pub async fn release_leases(&self, keys: &[crate::cache::CacheKey]) {
+    /// Gives this batch's leases back (compare-and-delete: only those still holding `token`),
+    /// so others do not wait for a value that will not come, or wait longer than needed.
+    pub async fn release_leases(&self, keys: &[crate::cache::CacheKey], token: &str) {
         if keys.is_empty() {
             return;
         }
-        let mut cmd = redis::cmd("DEL");
+        let mut invocation = self.release.prepare_invoke();
         for k in keys {
-            cmd.arg(self.lease_key(k));
+            invocation.key(self.lease_key(k));
         }
-        let _: Option<u64> = self.run(cmd).await;
+        invocation.arg(token);
+        let _: Option<u64> = self.run_script(&invocation).await;
     }
 
     fn lease_key(&self, key: &crate::cache::CacheKey) -> String {
         self.entry_key(key).replacen(":v1:e:", ":v1:l:", 1)
     }
 
-    /// The app's current generation (`None` when Redis does not answer).
+    /// Whether shared values of `app` may be used: not while a failed generation bump of it
+    /// waits for a retry (which is tried here first).
+    async fn usable(&self, app: &str) -> bool {
+        let (msg, overflowed) = {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            (p.apps.get(app).cloned(), p.overflowed)
+        };
+        if let Some(msg) = msg {
+            if !self.deliver(&msg).await {
+                return false;
+            }
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.apps.remove(app);
+            if p.apps.is_empty() {
+                p.overflowed = false;
+            }
+        }
+        !overflowed
+    }
+
+    /// The app's current generation, created when missing (`None` when Redis does not answer
+    /// or holds something that is not a generation: then nothing is shared for this call).
     pub async fn generation(&self, app: &str) -> Option<u64> {
-        let v: Option<u64> = self
-            .run(redis::cmd("GET").arg(self.gen_key(app)).clone())
-            .await?;
-        Some(v.unwrap_or(0))
+        if !self.usable(app).await {
+            return None;
+        }
+        let invocation = self.gen_read.key(self.gen_key(app));
+        let g: String = self.run_script(&invocation).await?;
+        g.parse().ok()
     }
 
     /// Looks `keys` (all of `app`) up in one round trip. Returns, per key, the answer and its
     /// remaining fresh time, for values of the app's current generation that are still fresh.
+    /// `None` when Redis does not answer, or the app's generation is unknown (missing, not a
+    /// number, or a failed bump not yet retried): then no shared value is used (fail closed).
     pub async fn lookup(
         &self,
         app: &str,
         keys: &[crate::cache::CacheKey],
     ) -> Option<Vec<Option<(crate::api::query::Answer, Duration)>>> {
+        if !self.usable(app).await {
+            return None;
+        }
         let mut cmd = redis::cmd("MGET");
         cmd.arg(self.gen_key(app));
         for k in keys {
@@ -333,8 +472,7 @@ impl Fleet {
         let gen: u64 = values
             .next()
             .flatten()
-            .and_then(|g| std::str::from_utf8(&g).ok()?.parse().ok())
-            .unwrap_or(0);
+            .and_then(|g| std::str::from_utf8(&g).ok()?.parse().ok())?;
         let now = unix_ms();
         Some(
             values
@@ -356,18 +494,36 @@ impl Fleet {
         )
     }
 
-    /// Writes fetched entries (fetched under generation `gen`) off the response path.
+    /// Writes fetched entries (fetched under generation `gen`; `None`: write nothing) off the
+    /// response path, then releases the batch's `leased` keys: waiters find the values.
     pub fn write_behind(
         self: &Arc<Self>,
-        gen: u64,
+        gen: Option<u64>,
         entries: Vec<(crate::cache::CacheKey, Arc<crate::cache::Entry>)>,
         keep_after_fresh: Duration,
+        leased: Vec<crate::cache::CacheKey>,
+        token: String,
     ) {
-        if entries.is_empty() {
+        if entries.is_empty() && leased.is_empty() {
             return;
         }
         let fleet = self.clone();
         tokio::spawn(async move {
+            if let Some(gen) = gen {
+                fleet.write(gen, entries, keep_after_fresh).await;
+            }
+            fleet.release_leases(&leased, &token).await;
+        });
+    }
+
+    async fn write(
+        &self,
+        gen: u64,
+        entries: Vec<(crate::cache::CacheKey, Arc<crate::cache::Entry>)>,
+        keep_after_fresh: Duration,
+    ) {
+        let fleet = self;
+        {
             let now = tokio::time::Instant::now();
             let now_ms = unix_ms();
             let mut pipe = redis::pipe();
@@ -411,15 +567,13 @@ impl Fleet {
                     fleet.mark(false);
                 }
             }
-        });
+        }
     }
 
-    /// A write or purge for `app`: its shared values stop being used (generation + 1), and every
-    /// sidecar drops the affected entries from its moka.
+    /// A write or purge for `app`: its shared values stop being used (a new generation), and
+    /// every sidecar drops the affected entries from its moka. If Redis does not take it, the
+    /// app fails closed here until a retry does (see the module doc).
     pub async fn invalidate(&self, app: &str, tokens: &[String], accounts: &[String], all: bool) {
-        let _: Option<u64> = self
-            .run(redis::cmd("INCR").arg(self.gen_key(app)).clone())
-            .await;
         let msg = InvalidationMsg {
             o: self.origin,
             app: app.to_owned(),
@@ -427,16 +581,61 @@ impl Fleet {
             accounts: accounts.to_vec(),
             all,
         };
-        if let Ok(payload) = serde_json::to_string(&msg) {
-            let _: Option<u64> = self
-                .run(
-                    redis::cmd("PUBLISH")
-                        .arg(self.channel())
-                        .arg(payload)
-                        .clone(),
-                )
-                .await;
+        if self.deliver(&msg).await {
+            return;
         }
+        tracing::warn!("fleet mode: an invalidation did not reach Redis; shared values of its app are not used until it does");
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = p.apps.get_mut(app) {
+            // One retry covers both writes.
+            old.all |= msg.all;
+            old.tokens.extend(msg.tokens);
+            old.accounts.extend(msg.accounts);
+            return;
+        }
+        if p.apps.len() >= MAX_PENDING_BUMPS {
+            p.overflowed = true;
+            return;
+        }
+        p.apps.insert(app.to_owned(), msg);
+    }
+
+    /// Bumps the app's generation and publishes the invalidation; whether both worked.
+    async fn deliver(&self, msg: &InvalidationMsg) -> bool {
+        let invocation = self.gen_bump.key(self.gen_key(&msg.app));
+        let bumped: Option<String> = self.run_script(&invocation).await;
+        let Ok(payload) = serde_json::to_string(msg) else {
+            return false;
+        };
+        let published: Option<u64> = self
+            .run(
+                redis::cmd("PUBLISH")
+                    .arg(self.channel())
+                    .arg(payload)
+                    .clone(),
+            )
+            .await;
+        bumped.is_some() && published.is_some()
+    }
+
+    /// Retries failed invalidations every second until they reach Redis.
+    pub fn retry_pending(self: &Arc<Self>) {
+        let fleet = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(fleet) = fleet.upgrade() else {
+                    return;
+                };
+                let apps: Vec<String> = {
+                    let p = fleet.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    p.apps.keys().cloned().collect()
+                };
+                for app in apps {
+                    fleet.usable(&app).await;
+                }
+            }
+        });
     }
 
     /// Receives other sidecars' invalidations and applies them to `store` (reconnecting on its
@@ -467,13 +666,14 @@ impl Fleet {
                         continue;
                     }
                     let app: Arc<str> = Arc::from(m.app.as_str());
-                    store.index().bump_epoch(&app);
+                    let write = store.begin_write(&app);
                     let dropped = if m.all {
                         store.purge_app(&m.app).await.len()
                     } else {
                         let keys = store.affected(&app, &m.tokens, &m.accounts).await;
                         store.invalidate(&keys).await
                     };
+                    drop(write);
                     fleet
                         .metrics
                         .invalidated

@@ -126,11 +126,14 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
     };
     if let Some(f) = &fleet {
         f.subscribe(store.clone());
+        f.retry_pending();
     }
     let fetcher = proxy::fetch::Fetcher::new(&config, fleet.clone());
-    let credentials = proxy::auth::Credentials::new(
+    let credentials = proxy::auth::Credentials::with_refusals(
         config.auth.accepted_ttl,
         config.auth.accepted_max,
+        config.auth.refused_ttl,
+        config.auth.refused_max,
         config.keys().map_err(|e| RunError::Secret(e.join("; ")))?,
         config.auth.signature_max_skew,
     )
@@ -149,6 +152,11 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
             config.cache.ttl.max(config.cache.negative_ttl),
         ),
         admin_token,
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.limits.max_buffered_bytes.as_u64())
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         config,
     }))
 }
@@ -183,6 +191,7 @@ pub async fn run_with_clock(
         max_connections: config.limits.max_connections,
         tls: tls(&config.tls)?,
         drain_grace: config.shutdown_grace,
+        write_timeout: config.limits.response_write_timeout,
     };
     let admin_opts = ServeOptions {
         max_connections: 256,

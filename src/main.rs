@@ -159,6 +159,7 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
             latency_ms: u64::try_from(args.latency.as_millis()).unwrap_or(u64::MAX),
             fail_ratio: args.fail_ratio,
             rate_limit_ratio: args.rate_limit_ratio,
+            ..Faults::default()
         },
         apply_delay: args.apply_delay,
         accounts: args.accounts,

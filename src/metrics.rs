@@ -53,6 +53,8 @@ pub enum RequestOutcome {
     Invalid,
     /// The upstream failed or refused the call as a whole.
     UpstreamError,
+    /// The credential was refused by the upstream recently: answered 1008003 locally.
+    Refused,
 }
 
 impl RequestOutcome {
@@ -65,6 +67,7 @@ impl RequestOutcome {
             RequestOutcome::Bypass => "bypass",
             RequestOutcome::Invalid => "invalid",
             RequestOutcome::UpstreamError => "upstream_error",
+            RequestOutcome::Refused => "refused",
         }
     }
 }
@@ -119,8 +122,8 @@ impl UpstreamOutcome {
             | E::BodyTooLarge { .. }
             | E::ClientBody(_)
             | E::AuthFailed(_)
-            | E::ContentType(_)
-            | E::ClientTimeout(_) => UpstreamOutcome::Unreachable,
+            | E::ClientTimeout(_)
+            | E::Overloaded(_) => UpstreamOutcome::Unreachable,
         }
     }
 }
@@ -171,6 +174,7 @@ pub struct Metrics {
     pub fleet_fallbacks: IntCounter,
     pub redis_writes: IntCounter,
     pub lease_waits: IntCounter,
+    pub query_bypass: IntCounterVec,
 }
 
 /// The `class` label of `tpns_cache_responses_total`: what a TPNS client makes of the answer.
@@ -289,7 +293,8 @@ impl Metrics {
         let limiter_rejections = IntCounterVec::new(
             Opts::new(
                 "tpns_cache_limiter_rejections_total",
-                "Upstream calls not made for quota reasons (queue_full, max_wait, cooldown).",
+                "Upstream calls not made for quota reasons (queue_full, max_wait, cooldown, \
+                 fleet_quota, unverified_share).",
             ),
             &["reason"],
         )?;
@@ -361,8 +366,17 @@ impl Metrics {
             "tpns_cache_fleet_lease_waits_total",
             "Fleet mode: identifiers another sidecar was fetching, answered from the shared tier instead of fetched again.",
         )?;
+        let query_bypass = IntCounterVec::new(
+            Opts::new(
+                "tpns_cache_query_bypass_total",
+                "Queries forwarded unchanged and not cached, by reason (no-credentials, signature, \
+                 unrecognized-credentials, content_type).",
+            ),
+            &["reason"],
+        )?;
         for c in [
-            Box::new(lease_waits.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(query_bypass.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(lease_waits.clone()),
             Box::new(redis_writes.clone()),
             Box::new(redis_up.clone()),
             Box::new(redis_errors.clone()),
@@ -425,6 +439,7 @@ impl Metrics {
             fleet_fallbacks,
             redis_writes,
             lease_waits,
+            query_bypass,
         })
     }
 

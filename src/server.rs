@@ -1,6 +1,7 @@
 //! The HTTP/1.1 accept loop shared by the proxy, the admin listener and the simulator:
 //! one task per connection, optional TLS (rustls), a bound on open connections (more wait in
-//! the kernel's backlog), a header read timeout and size limit, and a graceful drain on shutdown.
+//! the kernel's backlog), a header read timeout and size limit, a response write timeout, and a
+//! graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,6 +32,10 @@ pub struct ServeOptions {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub tls: Option<TlsAcceptor>,
+    /// A write to the client that makes no progress for this long ends the connection (as
+    /// nginx's `send_timeout`: between two successive writes, not for a whole response), so a
+    /// client that stops reading cannot hold a connection and its response forever.
+    pub write_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -41,6 +46,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("max_header_bytes", &self.max_header_bytes)
             .field("max_connections", &self.max_connections)
             .field("tls", &self.tls.is_some())
+            .field("write_timeout", &self.write_timeout)
             .finish()
     }
 }
@@ -53,6 +59,7 @@ impl Default for ServeOptions {
             max_header_bytes: 16 * 1024,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
             tls: None,
+            write_timeout: crate::config::DEFAULT_RESPONSE_WRITE_TIMEOUT,
         }
     }
 }
@@ -133,20 +140,19 @@ pub async fn serve<F, Fut>(
         let builder = builder.clone();
         let tls = opts.tls.clone();
         let handshake_timeout = opts.header_read_timeout;
+        let write_timeout = opts.write_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let result = match tls {
                 None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), svc))
-                        .await
+                    let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
+                    watcher.watch(builder.serve_connection(io, svc)).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            watcher
-                                .watch(builder.serve_connection(TokioIo::new(tls), svc))
-                                .await
+                            let io = TokioIo::new(WriteTimeout::new(tls, write_timeout));
+                            watcher.watch(builder.serve_connection(io, svc)).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(listener = name, error = %e, "TLS handshake failed");
@@ -170,5 +176,98 @@ pub async fn serve<F, Fut>(
         () = tokio::time::sleep(opts.drain_grace) => {
             tracing::warn!(listener = name, "drain grace period ended with requests still in flight");
         }
+    }
+}
+
+/// A stream whose writes fail with `TimedOut` once one makes no progress for `timeout`.
+struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    /// Armed when a write first finds the client not reading; disarmed by any progress.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> WriteTimeout<S> {
+        WriteTimeout {
+            inner,
+            timeout,
+            deadline: None,
+        }
+    }
+
+    /// Turns a write's result into progress (disarm) or waiting (arm, and fail when it fires).
+    fn check<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        match polled {
+            Poll::Ready(r) => {
+                self.deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let deadline = self
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client took no response bytes within limits.response_write_timeout",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, polled)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, polled)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, polled)
     }
 }

@@ -289,23 +289,6 @@ async fn proxy_and_admin_listeners_serve_tls() {
 }
 
 /// Sends raw bytes and reads what comes back until the peer closes or 5 s pass.
-async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn basic() -> String {
-    auth_headers(Some(APP))
-        .into_iter()
-        .find(|(k, _)| *k == "authorization")
-        .unwrap()
-        .1
-}
-
 fn post(body: &[u8], extra: &str) -> Vec<u8> {
     let mut v = format!(
         "POST {QUERY} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
@@ -433,22 +416,9 @@ async fn hostile_inputs_get_tpns_errors_and_nothing_is_forwarded() {
             "{what}: {resp:.300}"
         );
     }
-    // Wrong content type.
+    // (A content type other than JSON is the upstream's to judge since issue 11: it is
+    // forwarded unchanged and not cached, see tests/hardening.rs.)
     let body = tokens_body(&["token1"]);
-    let r = h
-        .send(
-            h.proxy,
-            Method::POST,
-            QUERY,
-            &[
-                ("content-type", "text/plain".to_owned()),
-                ("authorization", basic()),
-            ],
-            body.clone(),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(r.ret_code(), 1_008_001);
     // A head larger than limits.max_header_bytes.
     let resp = raw(
         h.proxy,

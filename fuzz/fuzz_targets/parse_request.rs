@@ -9,6 +9,7 @@ const LIMITS: Limits = Limits {
     max_items: 1000,
     max_identifier_bytes: 400,
     max_depth: 32,
+    max_fields: 64,
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -29,9 +29,6 @@ pub enum ProxyError {
     /// The client's request stream broke off or was malformed mid-body.
     #[error("request body could not be read: {0}")]
     ClientBody(String),
-    /// A `Content-Type` that is not JSON.
-    #[error("request body cannot be parsed: Content-Type must be application/json, got {0}")]
-    ContentType(String),
     /// A signed request whose signature or timestamp the proxy could check and refused.
     #[error("authentication failed: {0}")]
     AuthFailed(&'static str),
@@ -52,17 +49,26 @@ pub enum ProxyError {
     UpstreamMalformed(String),
     /// The upstream quota (our limiter, or a cool-down after the upstream's own 1008028) does
     /// not allow a call within `shield.max_wait`.
-    #[error("frequency limit exceeded: upstream quota exhausted ({reason}), retry after {}", humantime::format_duration(*.retry_after))]
+    #[error("frequency limit exceeded: upstream quota exhausted ({reason}), retry after {}s", whole_seconds(*.retry_after))]
     RateLimited {
         retry_after: Duration,
         reason: &'static str,
     },
     /// The circuit breaker is open after consecutive upstream failures.
-    #[error("upstream circuit open after repeated failures, retry after {}", humantime::format_duration(*.0))]
+    #[error("upstream circuit open after repeated failures, retry after {}s", whole_seconds(*.0))]
     CircuitOpen(Duration),
     /// An in-flight fetch this request waited for did not finish in time.
     #[error("no upstream answer within {}", humantime::format_duration(*.0))]
     WaitTimeout(Duration),
+    /// A bound on the whole process's work was reached (e.g. `limits.max_buffered_bytes`).
+    #[error("busy: {0}, retry after 1s")]
+    Overloaded(&'static str),
+}
+
+/// A wait in whole seconds, rounded up (at least 1): what `Retry-After` says, and what our
+/// messages say with it.
+pub fn whole_seconds(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 impl ProxyError {
@@ -74,7 +80,6 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::AuthFailed(_) => StatusCode::OK,
-            ProxyError::ContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -84,6 +89,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::OK,
             ProxyError::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::WaitTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -95,7 +101,6 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => code::INVALID_PARAMETER,
             ProxyError::ClientBody(_) => code::UNPARSEABLE,
             ProxyError::AuthFailed(_) => code::AUTH_FAILED,
-            ProxyError::ContentType(_) => code::UNPARSEABLE,
             ProxyError::ClientTimeout(_) => code::UNPARSEABLE,
             ProxyError::UpstreamUnreachable(_) => code::INTERNAL_CALL_FAILED,
             ProxyError::UpstreamTimeout(_) => code::INTERNAL_CALL_FAILED,
@@ -104,6 +109,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => code::RATE_LIMITED,
             ProxyError::CircuitOpen(_) => code::INTERNAL_CALL_FAILED,
             ProxyError::WaitTimeout(_) => code::INTERNAL_CALL_FAILED,
+            ProxyError::Overloaded(_) => code::INTERNAL_CALL_FAILED,
         }
     }
 
@@ -116,7 +122,6 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody(_) => "client_body",
             ProxyError::AuthFailed(_) => "auth_failed",
-            ProxyError::ContentType(_) => "content_type",
             ProxyError::ClientTimeout(_) => "client_timeout",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
@@ -125,6 +130,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::CircuitOpen(_) => "circuit_open",
             ProxyError::WaitTimeout(_) => "wait_timeout",
+            ProxyError::Overloaded(_) => "overloaded",
         }
     }
 
@@ -138,8 +144,8 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody(_)
             | ProxyError::AuthFailed(_)
-            | ProxyError::ContentType(_)
-            | ProxyError::ClientTimeout(_) => false,
+            | ProxyError::ClientTimeout(_)
+            | ProxyError::Overloaded(_) => false,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::UpstreamStatus(_)
@@ -155,13 +161,13 @@ impl ProxyError {
         match self {
             ProxyError::RateLimited { retry_after, .. } => Some(*retry_after),
             ProxyError::CircuitOpen(d) => Some(*d),
+            ProxyError::Overloaded(_) => Some(Duration::from_secs(1)),
             ProxyError::Unparseable(_)
             | ProxyError::MissingParameter(_)
             | ProxyError::InvalidParameter(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody(_)
             | ProxyError::AuthFailed(_)
-            | ProxyError::ContentType(_)
             | ProxyError::ClientTimeout(_)
             | ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
@@ -210,10 +216,6 @@ mod tests {
         check(ProxyError::ClientBody("eof".into()), 400, 1_008_001);
     }
     #[test]
-    fn content_type() {
-        check(ProxyError::ContentType("text/plain".into()), 415, 1_008_001);
-    }
-    #[test]
     fn auth_failed() {
         check(
             ProxyError::AuthFailed("Sign does not match"),
@@ -258,6 +260,16 @@ mod tests {
         check(e, 200, 1_008_028);
     }
     #[test]
+    fn retry_messages_say_whole_seconds() {
+        let e = ProxyError::RateLimited {
+            retry_after: Duration::from_nanos(9_975_076_096),
+            reason: "cooldown",
+        };
+        assert!(e.to_string().ends_with("retry after 10s"), "{e}");
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(2)), 2);
+    }
+    #[test]
     fn circuit_open() {
         let e = ProxyError::CircuitOpen(Duration::from_secs(3));
         assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
@@ -274,6 +286,13 @@ mod tests {
         assert!(!ProxyError::InvalidParameter("x".into()).is_upstream_trouble());
         assert!(ProxyError::UpstreamStatus(500).is_upstream_trouble());
         assert_eq!(ProxyError::UpstreamStatus(500).retry_after(), None);
+    }
+    #[test]
+    fn overloaded() {
+        let e = ProxyError::Overloaded("limits.max_buffered_bytes");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
+        assert!(!e.is_upstream_trouble());
+        check(e, 503, 1_008_004);
     }
     #[test]
     fn upstream_malformed() {

@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::code;
 use super::error::ProxyError;
-use super::rawobj::{canonical, RawObject};
+use super::rawobj::{canonical, ObjectError, RawObject};
 
 /// `operator_type`: which direction the query goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,6 +116,8 @@ pub struct Limits {
     pub max_items: usize,
     pub max_identifier_bytes: usize,
     pub max_depth: usize,
+    /// Most members of the top-level object and of each list element object.
+    pub max_fields: usize,
 }
 
 /// Whether `body` nests arrays/objects deeper than `max` (strings are skipped, escapes
@@ -247,11 +249,11 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Proxy
             limits.max_depth
         )));
     }
-    let obj: RawObject = serde_json::from_slice(body).map_err(|e| {
-        if e.to_string().starts_with("duplicate key") {
-            invalid(e.to_string())
-        } else {
-            ProxyError::Unparseable(e.to_string())
+    let obj = RawObject::parse(body, limits.max_fields).map_err(|e| match e {
+        ObjectError::Syntax(m) => ProxyError::Unparseable(m),
+        ObjectError::Duplicate(k) => invalid(format!("duplicate key `{k}`")),
+        ObjectError::TooManyMembers(n) => {
+            invalid(format!("the request object has more than {n} members"))
         }
     })?;
     let op_raw = obj
@@ -334,11 +336,11 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Proxy
 }
 
 fn parse_account_element(raw: &RawValue, pos: usize, limits: &Limits) -> Result<Ident, ProxyError> {
-    let el: RawObject = serde_json::from_str(raw.get()).map_err(|e| {
-        if e.to_string().starts_with("duplicate key") {
-            invalid(format!("account_list[{pos}]: {e}"))
-        } else {
-            invalid(format!("account_list[{pos}] must be an object"))
+    let el = RawObject::parse(raw.get().as_bytes(), limits.max_fields).map_err(|e| match e {
+        ObjectError::Syntax(_) => invalid(format!("account_list[{pos}] must be an object")),
+        ObjectError::Duplicate(k) => invalid(format!("account_list[{pos}]: duplicate key `{k}`")),
+        ObjectError::TooManyMembers(n) => {
+            invalid(format!("account_list[{pos}] has more than {n} members"))
         }
     })?;
     let account_raw = el
@@ -641,6 +643,7 @@ mod tests {
         max_items: 5,
         max_identifier_bytes: 16,
         max_depth: 8,
+        max_fields: 8,
     };
 
     #[test]

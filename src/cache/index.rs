@@ -13,7 +13,10 @@
 //! a replacement's add and remove cancel out in either order.
 //!
 //! It also keeps a per-app write epoch: a fetch that started before a write to its app must not
-//! store its (possibly old) answer.
+//! store its (possibly old) answer, and a memoized answer read before it is no longer valid.
+//! Epochs only grow: every value comes from one global counter, and an app that is not in the
+//! (bounded) map reads the map's floor, which moves up past every value handed out whenever
+//! the map is cleared. A value once read can never be seen again after a write (no ABA).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
@@ -95,10 +98,14 @@ struct Inner {
     keys: HashMap<u64, Slot>,
     reverse: BTreeMap<(u64, u64), u32>,
     epochs: HashMap<Arc<str>, u64>,
+    /// The epoch of every app not in `epochs`.
+    epoch_floor: u64,
 }
 
-/// Most apps whose write epoch is remembered; past it the map is reset, which only makes
-/// in-flight fetches of every app discard their answers once (conservative).
+/// Most apps whose write epoch is remembered; past it the map is reset and the floor raised
+/// above every epoch handed out, which only makes in-flight fetches and memoized answers of
+/// every app invalid once (conservative). The keys are AccessIDs of writes the upstream
+/// accepted or of accepted credentials.
 const MAX_EPOCH_APPS: usize = 100_000;
 
 /// Approximate bytes the index spends per cached entry (counted by the cache's weigher):
@@ -110,15 +117,12 @@ pub struct Index {
     inner: Mutex<Inner>,
     hasher: RandomState,
     next_epoch: AtomicU64,
+    max_epoch_apps: usize,
 }
 
 impl Default for Index {
     fn default() -> Self {
-        Index {
-            inner: Mutex::new(Inner::default()),
-            hasher: RandomState::new(),
-            next_epoch: AtomicU64::new(0),
-        }
+        Index::with_max_epoch_apps(MAX_EPOCH_APPS)
     }
 }
 
@@ -155,6 +159,16 @@ pub fn bound_names(kind: Kind, entry: &Entry) -> Vec<String> {
 }
 
 impl Index {
+    /// An index remembering the write epochs of at most `max` apps.
+    pub fn with_max_epoch_apps(max: usize) -> Index {
+        Index {
+            inner: Mutex::new(Inner::default()),
+            hasher: RandomState::new(),
+            next_epoch: AtomicU64::new(0),
+            max_epoch_apps: max.max(1),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -239,15 +253,26 @@ impl Index {
 
     /// The current write epoch of `access_id`.
     pub fn epoch(&self, access_id: &Arc<str>) -> u64 {
-        self.lock().epochs.get(access_id).copied().unwrap_or(0)
+        let inner = self.lock();
+        inner
+            .epochs
+            .get(access_id)
+            .copied()
+            .unwrap_or(inner.epoch_floor)
     }
 
     /// Marks a write to `access_id`: fetches that started before it will not store.
     pub fn bump_epoch(&self, access_id: &Arc<str>) {
-        let e = self.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let mut inner = self.lock();
-        if inner.epochs.len() >= MAX_EPOCH_APPS && !inner.epochs.contains_key(access_id) {
+        // Under the lock, so a value handed out is always above the floor it is compared with.
+        let e = self.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        if inner.epochs.len() >= self.max_epoch_apps && !inner.epochs.contains_key(access_id) {
             inner.epochs.clear();
+            // Every app now reads the floor: above every epoch handed out so far.
+            inner.epoch_floor = e;
+            let e = self.next_epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            inner.epochs.insert(access_id.clone(), e);
+            return;
         }
         inner.epochs.insert(access_id.clone(), e);
     }
@@ -259,5 +284,40 @@ impl Index {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the epoch map was cleared at 100 000 apps, so epochs returned to 0 and an
+    /// in-flight fetch (or a memoized answer) from before a write became valid again (ABA).
+    #[test]
+    fn epochs_never_go_back_when_the_map_is_cleared() {
+        let index = Index::with_max_epoch_apps(3);
+        let x: Arc<str> = Arc::from("x");
+        let seen = index.epoch(&x);
+        index.bump_epoch(&x);
+        let after_write = index.epoch(&x);
+        assert_ne!(after_write, seen);
+        // Writes to other apps overflow the map and clear it.
+        for i in 0..10 {
+            index.bump_epoch(&Arc::from(format!("other-{i}").as_str()));
+        }
+        let now = index.epoch(&x);
+        assert_ne!(now, seen, "the value read before the write came back");
+        assert!(
+            now > after_write,
+            "epochs only grow: {now} after {after_write}"
+        );
+        let mut last = 0;
+        for i in 0..20 {
+            let app: Arc<str> = Arc::from(format!("app-{}", i % 7).as_str());
+            index.bump_epoch(&app);
+            let e = index.epoch(&app);
+            assert!(e > last, "{e} after {last}");
+            last = e;
+        }
     }
 }

@@ -81,6 +81,19 @@ impl Entry {
     }
 }
 
+/// A write to an app in progress (see [`Store::begin_write`]).
+#[derive(Debug)]
+pub struct WriteGuard<'a> {
+    index: &'a Index,
+    app: Arc<str>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.index.bump_epoch(&self.app);
+    }
+}
+
 /// What a lookup found.
 #[derive(Debug)]
 pub enum Lookup {
@@ -169,10 +182,16 @@ const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
 /// Measured moka overhead per entry (see `examples/memprobe.rs`).
 const MOKA_BYTES_PER_ENTRY: usize = 400;
 
-/// What the cache charges against `cache.max_bytes` for one entry.
+/// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
+/// AccessID and the top-level scope are shared by the keys of one request, but each entry is
+/// charged them in full: an entry can outlive its siblings and then pins them alone, and a
+/// client must not be able to pin a large scope (a 900 KB unknown field) for the price of an
+/// identifier. Real requests carry at most a short `account_type` there.
 pub fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
     let bytes = ENTRY_OVERHEAD_BYTES
         + key.ident.heap_bytes()
+        + key.access_id.len()
+        + key.top_scope.as_ref().map_or(0, |s| s.len())
         + entry.answer.element.as_ref().map_or(0, |e| e.get().len());
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
@@ -264,6 +283,18 @@ impl Store {
         &self.index
     }
 
+    /// Starts a write to (or purge of) `app`: its write epoch moves now, so fetches in flight
+    /// will not store what they bring back, and again when the guard drops, after the caller's
+    /// removals, so an answer memoized in between from entries about to be removed is not
+    /// valid either.
+    pub fn begin_write(&self, app: &Arc<str>) -> WriteGuard<'_> {
+        self.index.bump_epoch(app);
+        WriteGuard {
+            index: &self.index,
+            app: app.clone(),
+        }
+    }
+
     pub async fn get(&self, key: &CacheKey) -> Lookup {
         self.get_at(key, self.clock.now()).await
     }
@@ -293,12 +324,34 @@ impl Store {
     /// the write. Returns the entry either way (the caller stitches with it) and whether it was
     /// discarded for that reason.
     pub async fn put_since(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+        self.put_since_with(key, answer, epoch, None).await
+    }
+
+    /// [`Store::put_fresh_for`], unless a write to its app happened since `epoch` (as
+    /// [`Store::put_since`]): a value promoted from the shared tier may predate a local write.
+    pub async fn put_fresh_for_since(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        fresh: Duration,
+        epoch: u64,
+    ) -> (Arc<Entry>, bool) {
+        self.put_since_with(key, answer, epoch, Some(fresh)).await
+    }
+
+    async fn put_since_with(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        epoch: u64,
+        fresh_for: Option<Duration>,
+    ) -> (Arc<Entry>, bool) {
         if self.index.epoch(&key.access_id) != epoch {
-            return (self.put_inner(None, answer).await, true);
+            return (self.put_with(None, answer, fresh_for).await, true);
         }
         let app = key.access_id.clone();
         let check = key.clone();
-        let entry = self.put_inner(Some(key), answer).await;
+        let entry = self.put_with(Some(key), answer, fresh_for).await;
         // A write may have slipped in between the check and the insert; its invalidation may
         // have run before the insert. Looking again closes that gap.
         if self.index.epoch(&app) != epoch {
@@ -669,6 +722,45 @@ mod tests {
         // Another app's write does not matter.
         s.index().bump_epoch(&Arc::from("b"));
         assert!(!s.put_since(key("a", "t2"), ok(), epoch).await.1);
+    }
+
+    /// Regression: a purge or write bumped the app's epoch before removing entries, so a query
+    /// in between memoized the old answer under the new epoch and it stayed valid.
+    #[tokio::test]
+    async fn an_answer_memoized_during_a_write_is_invalid_after_it() {
+        let s = store(10);
+        let memo = memo::Memo::new(1 << 20, Duration::from_secs(60)).expect("memo on");
+        let app: Arc<str> = Arc::from("a");
+        s.put(key("a", "t1"), ok()).await;
+        let write = s.begin_write(&app);
+        // A query runs now: reads the epoch, finds the entry, memoizes its answer.
+        let epoch = s.index().epoch(&app);
+        let Lookup::Fresh(e) = s.get(&key("a", "t1")).await else {
+            panic!("still cached until the removal");
+        };
+        let (fp, body) = ([1u8; 32], bytes::Bytes::from_static(b"{}"));
+        memo.put(
+            fp,
+            body.clone(),
+            memo::Memoized {
+                body: bytes::Bytes::new(),
+                cache_status: String::new(),
+                ret_code: 0,
+                fresh_until: e.fresh_until,
+                epoch,
+                access_id: app.clone(),
+                op: crate::api::query::Op::TokenAccounts,
+                hits: 1,
+                negative_hits: 0,
+            },
+        );
+        s.invalidate(&[key("a", "t1")]).await;
+        drop(write);
+        let now = s.clock().now();
+        assert!(
+            memo.get(&fp, &body, now, |a| s.index().epoch(a)).is_none(),
+            "the memo outlived the purge"
+        );
     }
 
     #[tokio::test]

@@ -159,6 +159,10 @@ pub fn sign(secret: &[u8], timestamp: &str, access_id: &str, body: &[u8]) -> Str
 pub struct Credentials {
     key: [u8; 32],
     accepted: moka::sync::Cache<Fingerprint, ()>,
+    /// Credentials the upstream refused recently: answered locally, never sent again until
+    /// `auth.refused_ttl` passes. Keyed by fingerprints (the client chooses them, so the set is
+    /// bounded by `auth.refused_max`, moka evicting the least used).
+    refused: moka::sync::Cache<Fingerprint, ()>,
     keys: Keys,
     max_skew: std::time::Duration,
 }
@@ -179,6 +183,26 @@ impl Credentials {
         keys: Keys,
         max_skew: std::time::Duration,
     ) -> Result<Credentials, getrandom::Error> {
+        Credentials::with_refusals(
+            ttl,
+            max,
+            crate::config::DEFAULT_REFUSED_TTL,
+            crate::config::DEFAULT_REFUSED_MAX,
+            keys,
+            max_skew,
+        )
+    }
+
+    /// [`Credentials::new`] remembering refused credentials for `refused_ttl` (at most
+    /// `refused_max` of them).
+    pub fn with_refusals(
+        ttl: std::time::Duration,
+        max: u64,
+        refused_ttl: std::time::Duration,
+        refused_max: u64,
+        keys: Keys,
+        max_skew: std::time::Duration,
+    ) -> Result<Credentials, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         Ok(Credentials {
@@ -186,6 +210,10 @@ impl Credentials {
             accepted: moka::sync::Cache::builder()
                 .max_capacity(max)
                 .time_to_live(ttl)
+                .build(),
+            refused: moka::sync::Cache::builder()
+                .max_capacity(refused_max)
+                .time_to_live(refused_ttl.max(std::time::Duration::from_millis(1)))
                 .build(),
             keys,
             max_skew,
@@ -259,8 +287,8 @@ impl Credentials {
             .trim()
             .parse()
             .map_err(|_| "TimeStamp is not a number")?;
-        let skew = i64::try_from(self.max_skew.as_secs()).unwrap_or(i64::MAX);
-        if (unix_now() - ts).abs() > skew {
+        // abs_diff cannot overflow, whatever TimeStamp a client sends.
+        if unix_now().abs_diff(ts) > self.max_skew.as_secs() {
             return Err("TimeStamp outside the allowed clock skew");
         }
         let expected = sign_for(key, timestamp, access_id, body);
@@ -332,6 +360,17 @@ impl Credentials {
     /// The upstream refused this credential: stop serving it from cache at once.
     pub fn forget(&self, fp: &Fingerprint) {
         self.accepted.invalidate(fp);
+    }
+
+    /// The upstream refused this credential: forget it, and answer it locally for a while.
+    pub fn refuse(&self, fp: Fingerprint) {
+        self.forget(&fp);
+        self.refused.insert(fp, ());
+    }
+
+    /// Whether the upstream refused this credential within `auth.refused_ttl`.
+    pub fn is_refused(&self, fp: &Fingerprint) -> bool {
+        self.refused.contains_key(fp)
     }
 }
 
@@ -426,6 +465,13 @@ mod tests {
             Err("TimeStamp outside the allowed clock skew")
         );
         assert!(c.verify("app1", "soon", &good, body).is_err());
+        // Regression: extreme timestamps overflowed the skew arithmetic (a panic in debug).
+        for extreme in [i64::MIN.to_string(), i64::MAX.to_string()] {
+            assert_eq!(
+                c.verify("app1", &extreme, &good, body),
+                Err("TimeStamp outside the allowed clock skew")
+            );
+        }
         assert!(c.verify("app2", &now, &good, body).is_err());
         let mut h = HeaderMap::new();
         h.insert("accessid", HeaderValue::from_static("app1"));
@@ -518,6 +564,12 @@ mod tests {
         assert!(!a.is_accepted(&fp(&a, "app:two")));
         a.forget(&fp(&a, "app:one"));
         assert!(!a.is_accepted(&fp(&a, "app:one")));
+        assert!(!a.is_refused(&fp(&a, "app:one")));
+        a.accept(fp(&a, "app:one"));
+        a.refuse(fp(&a, "app:one"));
+        assert!(!a.is_accepted(&fp(&a, "app:one")));
+        assert!(a.is_refused(&fp(&a, "app:one")));
+        assert!(!a.is_refused(&fp(&a, "app:two")));
         assert!(!format!("{a:?}").contains("key:"));
     }
 }

@@ -72,12 +72,13 @@ pub async fn invalidate(
     accounts: &[String],
     source: &'static str,
 ) -> Vec<CacheKey> {
-    state.store.index().bump_epoch(app);
+    let write = state.store.begin_write(app);
     if let Some(fleet) = &state.fleet {
         fleet.invalidate(app, tokens, accounts, false).await;
     }
     let keys = state.store.affected(app, tokens, accounts).await;
     let dropped = state.store.invalidate(&keys).await;
+    drop(write);
     state
         .metrics
         .invalidated
@@ -87,11 +88,26 @@ pub async fn invalidate(
 }
 
 /// The app a write is for, whether its credential is trusted, and the credentials to inject.
+///
+/// The app is taken from the credential the upstream authenticates, never from a header it
+/// ignores: Basic's user, or `AccessId` when the request carries the complete signature headers
+/// and no `Authorization`. A request carrying both schemes is ambiguous (the docs allow one per
+/// request, and we cannot know which one the upstream used), so it invalidates nothing: an
+/// `Authorization: Basic A:…` with `AccessId: B` must not drop B's entries.
 fn app_of(
     state: &State,
     req: &Request<Incoming>,
 ) -> (Option<Arc<str>>, bool, Option<UpstreamAuth>) {
-    let auth = state.credentials.classify(req.headers());
+    let headers = req.headers();
+    let has_basic = headers.contains_key(http::header::AUTHORIZATION);
+    let signature_headers = ["accessid", "timestamp", "sign"]
+        .iter()
+        .filter(|h| headers.contains_key(**h))
+        .count();
+    if has_basic && signature_headers > 0 {
+        return (None, false, None);
+    }
+    let auth = state.credentials.classify(headers);
     match &auth {
         ClientAuth::Basic {
             access_id,
@@ -110,16 +126,17 @@ fn app_of(
         }
         // The upstream checks the signature of the unchanged body.
         ClientAuth::Signed { access_id, .. } => (Some(access_id.clone()), false, None),
-        ClientAuth::Unscoped(_) => {
-            // Signature requests name their app in `AccessId`; the upstream verifies them.
-            let app = req
-                .headers()
+        ClientAuth::Unscoped(super::auth::Unscoped::Signature) if signature_headers == 3 => {
+            // A signed request of an app whose key we do not hold: the upstream verifies the
+            // signature of the unchanged body for the app named in `AccessId`.
+            let app = headers
                 .get("accessid")
                 .and_then(|v| v.to_str().ok())
                 .filter(|s| !s.is_empty())
                 .map(Arc::from);
             (app, false, None)
         }
+        ClientAuth::Unscoped(_) => (None, false, None),
     }
 }
 
@@ -127,7 +144,14 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
     let started = Instant::now();
     let (app, trusted, inject) = app_of(state, &req);
     let (parts, body) = req.into_parts();
-    let bytes = match super::read_body(body, &parts.headers, &state.config.limits).await {
+    let (bytes, _held) = match super::read_body(
+        body,
+        &parts.headers,
+        &state.config.limits,
+        &state.body_budget,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => return error_response(ErrorShape::Snake, &e),
     };
@@ -137,28 +161,37 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
     if let (Some((app, tokens, accounts)), true) = (&named, trusted) {
         invalidate(state, app, tokens, accounts, "batchoperate").await;
     }
-    let (resp, outcome) = match forward_buffered(state, parts, bytes, inject.as_ref()).await {
-        Ok((head, body)) => {
-            let ret_code = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("ret_code").and_then(Value::as_i64));
-            let accepted = head.status == http::StatusCode::OK && ret_code == Some(0);
-            if let (Some((app, tokens, accounts)), true) = (named, accepted) {
-                if !trusted {
-                    invalidate(state, &app, &tokens, &accounts, "batchoperate").await;
+    let (resp, outcome) =
+        match forward_buffered(state, parts, bytes, inject.as_ref(), "fwd=bypass").await {
+            Ok((head, body)) => {
+                let ret_code = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("ret_code").and_then(Value::as_i64));
+                let accepted = head.status == http::StatusCode::OK && ret_code == Some(0);
+                if let (Some((app, tokens, accounts)), true) = (named, accepted) {
+                    if !trusted {
+                        invalidate(state, &app, &tokens, &accounts, "batchoperate").await;
+                    }
+                    schedule_again(state, app, tokens, accounts);
                 }
-                schedule_again(state, app, tokens, accounts);
+                (
+                    Response::from_parts(head, full(body)),
+                    RequestOutcome::Bypass,
+                )
             }
-            (
-                Response::from_parts(head, full(body)),
-                RequestOutcome::Bypass,
-            )
-        }
-        Err(e) => (
-            error_response(ErrorShape::Snake, &e),
-            RequestOutcome::UpstreamError,
-        ),
-    };
+            Err(e) => {
+                // The write may still apply (a timeout after it was sent): a trusted credential's
+                // write was invalidated at once, so invalidate again later as for an accepted one.
+                // An unverified credential's write invalidates nothing here: it was never shown good.
+                if let (Some((app, tokens, accounts)), true) = (named, trusted) {
+                    schedule_again(state, app, tokens, accounts);
+                }
+                (
+                    error_response(ErrorShape::Snake, &e),
+                    RequestOutcome::UpstreamError,
+                )
+            }
+        };
     state
         .metrics
         .request(Route::Other, outcome, started.elapsed().as_secs_f64());

@@ -135,12 +135,25 @@ struct Pending {
     names: HashSet<Box<str>>,
 }
 
+/// Who a cool-down applies to: an app (after an upstream 1008028 for an accepted credential),
+/// or only the credential that got it (an unverified one must not cool a whole app down).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Cooled {
+    App(Arc<str>),
+    Credential(Fingerprint),
+}
+
 pub struct Fetcher {
     inflight: Mutex<HashMap<FlightKey, Flight>>,
     pending: Mutex<HashMap<BatchScope, Pending>>,
     ids: AtomicU64,
-    cooldowns: Mutex<HashMap<Arc<str>, tokio::time::Instant>>,
+    cooldowns: Mutex<HashMap<Cooled, tokio::time::Instant>>,
     pub limiter: UpstreamLimiter,
+    /// The share of the quota that calls for not-yet-accepted credentials may use (taken
+    /// before the whole-upstream quota).
+    unverified: UpstreamLimiter,
+    /// Fleet mode: how long a sidecar waits for another one's fetch (see [`settle_leased`]).
+    lease_for: Duration,
     /// Fleet mode: the shared quota in Redis, and the local limiter used while Redis is away.
     pub fleet: Option<(Arc<crate::fleet::Fleet>, UpstreamLimiter)>,
     max_wait: Duration,
@@ -190,7 +203,29 @@ impl Fetcher {
             });
             (f, fallback)
         });
+        let share = |rate: u32| {
+            if rate == 0 {
+                0
+            } else {
+                let local = if fleet.is_some() {
+                    config.redis.local_share
+                } else {
+                    1.0
+                };
+                ((f64::from(rate) * s.unverified_share * local).ceil() as u32).max(1)
+            }
+        };
+        let lease_for = config.upstream.timeout.min(Duration::from_secs(3));
         Fetcher {
+            unverified: UpstreamLimiter::new(LimiterConfig {
+                calls_per_second: share(s.calls_per_second),
+                burst: share(s.burst),
+                per_app_calls_per_second: 0,
+                identifiers_per_second: 0,
+                max_wait: s.max_wait,
+                max_queue: s.max_queue,
+            }),
+            lease_for,
             max_wait: s.max_wait,
             inflight: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
@@ -221,9 +256,15 @@ impl Fetcher {
                 q.partial_failure_ret_code,
                 q.all_failed_ret_code,
             ],
-            // Window, limiter wait, a call and its one retry, and a margin.
+            // Window, a lease wait in fleet mode, limiter waits (unverified share, quota) for a
+            // call and for its one retry, the call and its retry, and a margin.
             wait_bound: s.batch_window
-                + s.max_wait * 2
+                + if fleet.is_some() {
+                    lease_for
+                } else {
+                    Duration::ZERO
+                }
+                + s.max_wait * 4
                 + config.upstream.timeout * 2
                 + Duration::from_secs(1),
             fleet,
@@ -238,16 +279,19 @@ impl Fetcher {
         self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Time left in `app`'s cool-down, if it is in one.
-    fn cooldown_left(&self, app: &Arc<str>) -> Option<Duration> {
+    /// Time left in the cool-down of `app` or of this credential, if either is in one.
+    pub fn cooldown_left(&self, app: &Arc<str>, credential: &Fingerprint) -> Option<Duration> {
         let now = tokio::time::Instant::now();
         let map = lock(&self.cooldowns);
-        map.get(app)
+        [Cooled::App(app.clone()), Cooled::Credential(*credential)]
+            .iter()
+            .filter_map(|k| map.get(k))
             .filter(|until| **until > now)
             .map(|until| *until - now)
+            .max()
     }
 
-    fn start_cooldown(&self, app: &Arc<str>) {
+    fn start_cooldown(&self, who: Cooled) {
         if self.cooldown.is_zero() {
             return;
         }
@@ -257,8 +301,49 @@ impl Fetcher {
             map.retain(|_, until| *until > now);
         }
         if map.len() < MAX_COOLDOWNS {
-            map.insert(app.clone(), now + self.cooldown);
+            map.insert(who, now + self.cooldown);
         }
+    }
+
+    /// A permit for one call of `n` identifiers from every quota that applies: the unverified
+    /// share (for a credential the upstream has not accepted yet), the fleet's quota in Redis
+    /// (or, while Redis is away, the local share of it), then this sidecar's limiter. Used for
+    /// a first call and for its retry alike. Refusals carry the wait and the metric reason.
+    async fn admit(
+        &self,
+        m: &crate::metrics::Metrics,
+        app: &Arc<str>,
+        n: usize,
+        unverified: bool,
+    ) -> Result<(), (Duration, &'static str)> {
+        let mut waited = Duration::ZERO;
+        if unverified {
+            waited += self
+                .unverified
+                .acquire(app, n)
+                .await
+                .map_err(|d| (d.retry_after(), "unverified_share"))?;
+        }
+        if let Some((fleet, fallback)) = &self.fleet {
+            match fleet.acquire(self.max_wait).await {
+                Ok(w) => waited += w,
+                Err(crate::fleet::FleetDenied::Quota(wait)) => return Err((wait, "fleet_quota")),
+                Err(crate::fleet::FleetDenied::Unavailable) => {
+                    m.fleet_fallbacks.inc();
+                    waited += fallback
+                        .acquire(app, n)
+                        .await
+                        .map_err(|d| (d.retry_after(), d.as_str()))?;
+                }
+            }
+        }
+        waited += self
+            .limiter
+            .acquire(app, n)
+            .await
+            .map_err(|d| (d.retry_after(), d.as_str()))?;
+        m.limiter_wait_seconds.observe(waited.as_secs_f64());
+        Ok(())
     }
 }
 
@@ -299,7 +384,8 @@ fn register(
     let mut inflight = lock(&f.inflight);
     for (key, raw) in items {
         let fk = (fingerprint, key);
-        if let Some((_, rx)) = inflight.get(&fk) {
+        // A flight whose sender is gone (its task ended without landing it) is replaced.
+        if let Some((_, rx)) = inflight.get(&fk).filter(|(_, rx)| rx.has_changed().is_ok()) {
             waiters.push((Waiter(rx.clone()), true));
             continue;
         }
@@ -386,33 +472,67 @@ fn enqueue(state: &Arc<State>, ctx: &Arc<RequestContext>, items: Vec<BatchItem>)
     }
 }
 
-/// Makes the upstream call for one batch and resolves its flights.
 /// Removes a finished flight from the in-flight table (only if it is still this flight).
-fn land(state: &State, fingerprint: Fingerprint, key: CacheKey, flight_id: u64) {
-    let mut inflight = lock(&state.fetcher.inflight);
+fn land(f: &Fetcher, fingerprint: Fingerprint, key: CacheKey, flight_id: u64) {
+    let mut inflight = lock(&f.inflight);
     let fk = (fingerprint, key);
     if inflight.get(&fk).is_some_and(|(id, _)| *id == flight_id) {
         inflight.remove(&fk);
     }
 }
 
+/// Lands every flight of a batch when dropped, however the batch task ends (a panic
+/// included): no key stays joined to a flight nobody will resolve. Waiters of a flight whose
+/// sender is gone get an error at once ([`Waiter::result`]).
+struct Landing {
+    state: Arc<State>,
+    fingerprint: Fingerprint,
+    flights: Vec<(CacheKey, u64)>,
+}
+
+impl Landing {
+    fn of(state: &Arc<State>, batch: &Pending) -> Landing {
+        Landing {
+            state: state.clone(),
+            fingerprint: batch.ctx.fingerprint,
+            flights: batch
+                .items
+                .iter()
+                .map(|i| (i.key.clone(), i.flight_id))
+                .collect(),
+        }
+    }
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        for (key, id) in self.flights.drain(..) {
+            land(&self.state.fetcher, self.fingerprint, key, id);
+        }
+    }
+}
+
 /// Fleet mode: takes a lease on each identifier; those another sidecar is fetching right now are
 /// awaited in the shared tier (bounded by the lease, itself at most `upstream.timeout`) instead
-/// of being fetched again. Returns the batch of what this sidecar must still fetch.
-async fn settle_leased(state: &State, fleet: &crate::fleet::Fleet, mut batch: Pending) -> Pending {
+/// of being fetched again. Returns the batch of what this sidecar must still fetch, and the
+/// keys it leased (to release once their answers are written, or at once on failure).
+async fn settle_leased(
+    state: &State,
+    fleet: &crate::fleet::Fleet,
+    mut batch: Pending,
+    token: &str,
+) -> (Pending, Vec<CacheKey>) {
     let ctx = batch.ctx.clone();
     // Only a credential the upstream has accepted may be answered from shared data.
     if !state.credentials.is_accepted(&ctx.fingerprint) {
-        return batch;
+        return (batch, Vec::new());
     }
-    let lease_for = state.config.upstream.timeout.min(Duration::from_secs(3));
+    let lease_for = state.fetcher.lease_for;
+    let epoch = state.store.index().epoch(&ctx.access_id);
     let keys: Vec<CacheKey> = batch.items.iter().map(|i| i.key.clone()).collect();
-    let Some(owned) = fleet.take_leases(&keys, lease_for).await else {
-        return batch;
+    let Some(owned) = fleet.take_leases(&keys, lease_for, token).await else {
+        return (batch, Vec::new());
     };
-    if owned.iter().all(|o| *o) {
-        return batch;
-    }
     let mut mine = Vec::new();
     let mut waiting = Vec::new();
     for (item, own) in std::mem::take(&mut batch.items).into_iter().zip(owned) {
@@ -422,6 +542,7 @@ async fn settle_leased(state: &State, fleet: &crate::fleet::Fleet, mut batch: Pe
             waiting.push(item);
         }
     }
+    let leased: Vec<CacheKey> = mine.iter().map(|i| i.key.clone()).collect();
     let deadline = tokio::time::Instant::now() + lease_for;
     while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -433,13 +554,14 @@ async fn settle_leased(state: &State, fleet: &crate::fleet::Fleet, mut batch: Pe
         for (item, hit) in waiting.into_iter().zip(found) {
             match hit {
                 Some((answer, fresh_for)) => {
-                    let entry = state
+                    // Stored only if no write to the app happened since the batch started.
+                    let (entry, _) = state
                         .store
-                        .put_fresh_for(item.key.clone(), answer, fresh_for)
+                        .put_fresh_for_since(item.key.clone(), answer, fresh_for, epoch)
                         .await;
                     state.metrics.lease_waits.inc();
                     let _ = item.tx.send(Some(Ok(entry)));
-                    land(state, ctx.fingerprint, item.key, item.flight_id);
+                    land(&state.fetcher, ctx.fingerprint, item.key, item.flight_id);
                 }
                 None => still.push(item),
             }
@@ -449,13 +571,20 @@ async fn settle_leased(state: &State, fleet: &crate::fleet::Fleet, mut batch: Pe
     // Not there in time (the other sidecar failed or is slow): fetch them here after all.
     mine.extend(waiting);
     batch.items = mine;
-    batch
+    (batch, leased)
 }
 
+/// Makes the upstream call for one batch and resolves its flights.
 async fn run_batch(state: Arc<State>, batch: Pending) {
-    let batch = match state.fleet.clone() {
-        Some(fleet) => settle_leased(&state, &fleet, batch).await,
-        None => batch,
+    let _landing = Landing::of(&state, &batch);
+    let token = state
+        .fleet
+        .as_ref()
+        .map(|f| f.lease_token(batch.id))
+        .unwrap_or_default();
+    let (batch, leased) = match state.fleet.clone() {
+        Some(fleet) => settle_leased(&state, &fleet, batch, &token).await,
+        None => (batch, Vec::new()),
     };
     if batch.items.is_empty() {
         return;
@@ -475,8 +604,15 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
                 }
                 let _ = item.tx.send(Some(Ok(entry)));
             }
-            if let (Some(fleet), Some(gen)) = (&state.fleet, generation) {
-                fleet.write_behind(gen, shared, state.store.keep_after_fresh());
+            if let Some(fleet) = &state.fleet {
+                // Writes what may be shared, then gives the leases back either way.
+                fleet.write_behind(
+                    generation,
+                    shared,
+                    state.store.keep_after_fresh(),
+                    leased,
+                    token,
+                );
             }
             if discarded > 0 {
                 state.metrics.fetch_discarded.inc_by(discarded);
@@ -484,12 +620,11 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
         }
         Err(e) => {
             if let Some(fleet) = &state.fleet {
-                let keys: Vec<CacheKey> = batch.items.iter().map(|i| i.key.clone()).collect();
-                fleet.release_leases(&keys).await;
+                fleet.release_leases(&leased, &token).await;
             }
             if let FetchError::Refused { ret_code, .. } = &e {
                 if is_auth_failure(*ret_code) {
-                    state.credentials.forget(&ctx.fingerprint);
+                    state.credentials.refuse(ctx.fingerprint);
                 }
             }
             let e = Arc::new(e);
@@ -497,10 +632,6 @@ async fn run_batch(state: Arc<State>, batch: Pending) {
                 let _ = item.tx.send(Some(Err(e.clone())));
             }
         }
-    }
-    let fingerprint = ctx.fingerprint;
-    for item in batch.items {
-        land(&state, fingerprint, item.key, item.flight_id);
     }
 }
 
@@ -517,7 +648,7 @@ async fn call(
         m.upstream(Route::Query, outcome);
         Err(FetchError::Proxy(e))
     };
-    if let Some(left) = f.cooldown_left(&ctx.access_id) {
+    if let Some(left) = f.cooldown_left(&ctx.access_id, &ctx.fingerprint) {
         m.limiter_rejections.with_label_values(&["cooldown"]).inc();
         return refuse(
             ProxyError::RateLimited {
@@ -536,37 +667,8 @@ async fn call(
             )
         }
     };
-    // Quota: the fleet's (or, while Redis is away, the local share of it), then this sidecar's.
-    let mut denied: Option<(Duration, &'static str)> = None;
-    if let Some((fleet, fallback)) = &f.fleet {
-        denied = match fleet.acquire(f.max_wait).await {
-            Ok(waited) => {
-                m.limiter_wait_seconds.observe(waited.as_secs_f64());
-                None
-            }
-            Err(crate::fleet::FleetDenied::Quota(wait)) => Some((wait, "fleet_quota")),
-            Err(crate::fleet::FleetDenied::Unavailable) => {
-                m.fleet_fallbacks.inc();
-                match fallback.acquire(&ctx.access_id, n).await {
-                    Ok(waited) => {
-                        m.limiter_wait_seconds.observe(waited.as_secs_f64());
-                        None
-                    }
-                    Err(d) => Some((d.retry_after(), d.as_str())),
-                }
-            }
-        };
-    }
-    if denied.is_none() {
-        denied = match f.limiter.acquire(&ctx.access_id, n).await {
-            Ok(waited) => {
-                m.limiter_wait_seconds.observe(waited.as_secs_f64());
-                None
-            }
-            Err(d) => Some((d.retry_after(), d.as_str())),
-        };
-    }
-    if let Some((wait, reason)) = denied {
+    let unverified = !state.credentials.is_accepted(&ctx.fingerprint);
+    if let Err((wait, reason)) = f.admit(m, &ctx.access_id, n, unverified).await {
         m.limiter_rejections.with_label_values(&[reason]).inc();
         return refuse(
             ProxyError::RateLimited {
@@ -591,7 +693,8 @@ async fn call(
     };
     let mut result = send(state, ctx, n, body.clone()).await;
     if let Err(ProxyError::UpstreamUnreachable(cause)) = &result {
-        if f.retry.try_withdraw() && f.limiter.acquire(&ctx.access_id, n).await.is_ok() {
+        // The retry spends quota like any call: the same admission, fleet quota included.
+        if f.retry.try_withdraw() && f.admit(m, &ctx.access_id, n, unverified).await.is_ok() {
             tracing::info!(cause = %cause, "retrying an upstream query sub-request once");
             m.retries.inc();
             result = send(state, ctx, n, body).await;
@@ -601,8 +704,12 @@ async fn call(
     let parsed = result.and_then(|bytes| {
         parse_upstream_answer(ctx.op, &sent, &bytes, &f.batch_codes).map(|a| (a, bytes))
     });
+    // What the breaker counts as the upstream failing: transport errors, timeouts, 5xx, 429 and
+    // malformed answers. Another 4xx is the upstream refusing this request (one client's
+    // oversized batch, say), not being down: it must not open the breaker for every app.
     let alive = match &parsed {
         Ok(_) => true,
+        Err(ProxyError::UpstreamStatus(status)) => (400..500).contains(status) && *status != 429,
         Err(e) => !e.is_upstream_trouble(),
     };
     if let Some(to) = permit.record(alive) {
@@ -621,7 +728,11 @@ async fn call(
             m.upstream(Route::Query, UpstreamOutcome::Refused);
             tracing::warn!(ret_code, "upstream refused a query sub-request");
             if ret_code == code::RATE_LIMITED {
-                f.start_cooldown(&ctx.access_id);
+                f.start_cooldown(if unverified {
+                    Cooled::Credential(ctx.fingerprint)
+                } else {
+                    Cooled::App(ctx.access_id.clone())
+                });
             }
             Err(FetchError::Refused { ret_code, body })
         }

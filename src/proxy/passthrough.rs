@@ -52,20 +52,31 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Prox
         super::auth::ClientAuth::Injected { .. } => state.credentials.injection(),
         _ => None,
     };
-    let (resp, outcome) = match inject {
-        None => forward(state, req, None).await,
-        Some(auth) if !auth.needs_body() => {
-            let mut req = req;
-            auth.apply(req.headers_mut(), &[]);
-            forward(state, req, None).await
-        }
-        // A signature covers the body: read it (bounded), sign, send.
-        Some(auth) => forward_signed(state, req, &auth).await,
-    };
+    let (resp, outcome) = forward_as_is(state, req, inject.as_ref(), "fwd=bypass").await;
     state
         .metrics
         .request(Route::Other, outcome, started.elapsed().as_secs_f64());
     resp
+}
+
+/// Forwards `req` unchanged but for the injected credentials `inject` (for a request that
+/// arrived with none), with `status` as its `Cache-Status` parameters.
+pub async fn forward_as_is(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    inject: Option<&super::auth::UpstreamAuth>,
+    status: &str,
+) -> (Response<ProxyBody>, RequestOutcome) {
+    match inject {
+        None => forward(state, req, Some(status)).await,
+        Some(auth) if !auth.needs_body() => {
+            let mut req = req;
+            auth.apply(req.headers_mut(), &[]);
+            forward(state, req, Some(status)).await
+        }
+        // A signature covers the body: read it (bounded), sign, send.
+        Some(auth) => forward_signed(state, req, auth, status).await,
+    }
 }
 
 /// Sends `req` to the upstream unchanged and streams the answer back. `status` is the
@@ -129,6 +140,7 @@ pub async fn forward_buffered(
     mut parts: http::request::Parts,
     body: bytes::Bytes,
     inject: Option<&super::auth::UpstreamAuth>,
+    status: &str,
 ) -> Result<(http::response::Parts, bytes::Bytes), crate::api::error::ProxyError> {
     use crate::api::error::ProxyError;
     let pq = parts
@@ -172,8 +184,7 @@ pub async fn forward_buffered(
     // The body is re-framed with its real length.
     head.headers.remove(http::header::CONTENT_LENGTH);
     head.headers.remove(http::header::TRANSFER_ENCODING);
-    head.headers
-        .insert(CACHE_STATUS, cache_status("fwd=bypass"));
+    head.headers.insert(CACHE_STATUS, cache_status(status));
     Ok((head, bytes))
 }
 
@@ -181,14 +192,22 @@ async fn forward_signed(
     state: &Arc<State>,
     req: Request<Incoming>,
     auth: &super::auth::UpstreamAuth,
+    status: &str,
 ) -> (Response<ProxyBody>, RequestOutcome) {
     let shape = ErrorShape::for_path(req.uri().path());
     let (parts, body) = req.into_parts();
-    let bytes = match super::read_body(body, &parts.headers, &state.config.limits).await {
+    let (bytes, _held) = match super::read_body(
+        body,
+        &parts.headers,
+        &state.config.limits,
+        &state.body_budget,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => return (error_response(shape, &e), RequestOutcome::Invalid),
     };
-    match forward_buffered(state, parts, bytes, Some(auth)).await {
+    match forward_buffered(state, parts, bytes, Some(auth), status).await {
         Ok((head, body)) => (
             Response::from_parts(head, crate::upstream::full(body)),
             RequestOutcome::Bypass,

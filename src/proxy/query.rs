@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -36,17 +36,50 @@ use crate::upstream::ProxyBody;
 
 pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let (resp, outcome) = match state.credentials.classify(req.headers()) {
-        ClientAuth::Unscoped(why) => {
-            let params = format!("fwd=bypass; detail=\"{}\"", why.as_str());
-            passthrough::forward(state, req, Some(&params)).await
+    let auth = state.credentials.classify(req.headers());
+    let (resp, outcome) = match &auth {
+        ClientAuth::Unscoped(why) => bypass(state, req, None, why.as_str()).await,
+        _ if !json_or_absent(req.headers()) => {
+            // The upstream decides what it accepts: forwarded unchanged, not cached.
+            let inject = match &auth {
+                ClientAuth::Injected { .. } => state.credentials.injection(),
+                _ => None,
+            };
+            bypass(state, req, inject.as_ref(), "content_type").await
         }
-        scoped => serve(state, req, scoped).await,
+        _ => serve(state, req, auth).await,
     };
     state
         .metrics
         .request(Route::Query, outcome, started.elapsed().as_secs_f64());
     resp
+}
+
+/// A query the cache does not serve, forwarded unchanged (but for injected credentials), with
+/// `Cache-Status: …; fwd=bypass; detail="<reason>"` and counted by reason.
+async fn bypass(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    inject: Option<&super::auth::UpstreamAuth>,
+    reason: &'static str,
+) -> (Response<ProxyBody>, RequestOutcome) {
+    state
+        .metrics
+        .query_bypass
+        .with_label_values(&[reason])
+        .inc();
+    let params = format!("fwd=bypass; detail=\"{reason}\"");
+    passthrough::forward_as_is(state, req, inject, &params).await
+}
+
+/// Whether the body is declared JSON, or not declared at all (real SDKs send none).
+fn json_or_absent(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(CONTENT_TYPE) else {
+        return true;
+    };
+    let ct = String::from_utf8_lossy(ct.as_bytes()).to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence == "application/json" || essence.ends_with("+json")
 }
 
 async fn serve(
@@ -64,19 +97,24 @@ async fn serve(
         (resp, RequestOutcome::Invalid)
     };
     let limits = &state.config.limits;
-    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
-        // TPNS takes JSON only; an absent Content-Type is tolerated, a different one is not.
-        let ct = String::from_utf8_lossy(ct.as_bytes()).to_ascii_lowercase();
-        let essence = ct.split(';').next().unwrap_or("").trim().to_owned();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            let shown: String = essence.chars().take(64).collect();
-            return refused(ProxyError::ContentType(shown));
-        }
-    }
-    let bytes = match read_body(body, &parts.headers, limits).await {
+    let (bytes, _held) = match read_body(body, &parts.headers, limits, &state.body_budget).await {
         Ok(b) => b,
         Err(e) => return refused(e),
     };
+    // Cheapest checks first: a credential the upstream refused recently is answered here,
+    // before anything is parsed, and costs the upstream (and its quota) nothing. (The body is
+    // read all the same, bounded, so the client sees this answer rather than a broken pipe.)
+    if let Some((_, fingerprint)) = auth.scope() {
+        if state.credentials.is_refused(&fingerprint) {
+            let e = ProxyError::AuthFailed("the upstream refused this credential recently");
+            let mut resp = error_response(ErrorShape::Camel, &e);
+            resp.headers_mut().insert(
+                CACHE_STATUS,
+                HeaderValue::from_static("tpns-cache; hit; detail=\"credential refused\""),
+            );
+            return (resp, RequestOutcome::Refused);
+        }
+    }
     if let ClientAuth::Signed {
         access_id,
         timestamp,
@@ -105,6 +143,7 @@ async fn serve(
             max_items: limits.max_items,
             max_identifier_bytes: limits.max_identifier_bytes,
             max_depth: limits.max_json_depth,
+            max_fields: limits.max_fields,
         },
     ) {
         Ok(r) => r,
@@ -114,7 +153,7 @@ async fn serve(
     match answer(
         state,
         request,
-        access_id,
+        access_id.clone(),
         fingerprint,
         headers,
         upstream_auth,
@@ -151,9 +190,15 @@ async fn serve(
                     HeaderValue::from_static("tpns-cache; fwd=miss; detail=\"upstream refused\""),
                 );
                 if *ret_code == code::RATE_LIMITED {
-                    let secs = state.config.shield.rate_limited_cooldown.as_secs().max(1);
-                    resp.headers_mut()
-                        .insert(RETRY_AFTER, HeaderValue::from(secs));
+                    // What is left of the cool-down this answer started, rounded up.
+                    let left = state
+                        .fetcher
+                        .cooldown_left(&access_id, &fingerprint)
+                        .unwrap_or(Duration::from_secs(1));
+                    resp.headers_mut().insert(
+                        RETRY_AFTER,
+                        HeaderValue::from(crate::api::error::whole_seconds(left)),
+                    );
                 }
                 (resp, RequestOutcome::UpstreamError)
             }
@@ -313,9 +358,10 @@ async fn answer(
             if let Some(found) = fleet.lookup(&access_id, &keys).await {
                 for (&i, hit) in wanted.iter().zip(found) {
                     if let Some((answer, fresh_for)) = hit {
-                        let entry = state
+                        // Not stored if a write to the app happened since the lookups began.
+                        let (entry, _) = state
                             .store
-                            .put_fresh_for(uniques[i].key.clone(), answer, fresh_for)
+                            .put_fresh_for_since(uniques[i].key.clone(), answer, fresh_for, epoch)
                             .await;
                         uniques[i].answer = Some(entry);
                         shared_hits += 1;

@@ -52,6 +52,8 @@ pub struct Faults {
     pub fail_ratio: f64,
     /// Share of calls answered `retCode` 1008028 (frequency limit exceeded).
     pub rate_limit_ratio: f64,
+    /// Share of calls answered HTTP 400 (as an upstream refusing one request, e.g. too large).
+    pub client_error_ratio: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +267,22 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<ProxyBody
         (Method::POST, QUERY_PATH | BATCHOPERATE_PATH | PUSH_APP_PATH) => {
             tpns(inner, req, path).await
         }
+        (Method::GET, "/_sim/blob") => {
+            // `?bytes=N` (at most 256 MiB) of `x`: a large answer, for slow-reader tests.
+            let n = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("bytes="))
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0)
+                .min(256 << 20);
+            let mut r = Response::new(crate::upstream::full(vec![b'x'; n]));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
         _ => {
             count(&inner, "other", 0);
             json_response(
@@ -396,6 +414,13 @@ fn authorized(
         count(inner, path, 0);
         return reply(code::RATE_LIMITED);
     }
+    if fires(n, faults.client_error_ratio) {
+        count(inner, path, 0);
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            error_body(shape, code::INVALID_PARAMETER, "simulated client error"),
+        );
+    }
     match path {
         QUERY_PATH => query(inner, &app, body),
         BATCHOPERATE_PATH => batchoperate(inner, &app, body),
@@ -428,6 +453,7 @@ fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
             max_items: inner.config.max_items,
             max_identifier_bytes: crate::config::DEFAULT_MAX_IDENTIFIER_BYTES,
             max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
+            max_fields: crate::config::DEFAULT_MAX_FIELDS,
         },
     ) {
         Ok(r) => r,

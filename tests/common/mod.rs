@@ -333,6 +333,7 @@ pub fn metric_families() -> std::collections::HashSet<String> {
         &m.limiter_rejections,
         &m.invalidated,
         &m.evictions,
+        &m.query_bypass,
     ] {
         v.with_label_values(&["x"]).inc();
     }
@@ -342,4 +343,28 @@ pub fn metric_families() -> std::collections::HashSet<String> {
         .iter()
         .map(|f| f.name().to_owned())
         .collect()
+}
+
+/// Sends raw bytes on a new connection and reads until the server closes it (at most 5 s).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `Authorization` header value of the test app.
+pub fn basic() -> String {
+    basic_for(APP)
+}
+
+/// The `Authorization: Basic` value for `(id, secret)`.
+pub fn basic_for(app: (&str, &str)) -> String {
+    auth_headers(Some(app))
+        .into_iter()
+        .find(|(k, _)| *k == "authorization")
+        .unwrap()
+        .1
 }
