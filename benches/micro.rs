@@ -1,19 +1,23 @@
 //! Micro-benchmarks: request parsing and cache-key derivation; stitching a fully cached batch
-//! of 1, 20 and 100 identifiers. `cargo bench --bench micro`.
+//! of 1, 20 and 100 identifiers; the work done before a credential is accepted, for the worst
+//! 1 MiB bodies we can construct against an ordinary 1 MiB query. `cargo bench --bench micro`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
-use tpns_cache::api::query::{parse_request, stitch, top_level_code, Answer, ElementCode, Limits};
+use tpns_cache::api::query::{
+    parse_query, parse_request, stitch, top_level_code, Answer, ElementCode, Limits,
+};
 use tpns_cache::cache::{CacheKey, Clock, Lookup, Policy, Store};
 
 const LIMITS: Limits = Limits {
     max_items: 1000,
     max_identifier_bytes: 400,
     max_depth: 32,
-    max_fields: 64,
+    max_fields: 16,
+    max_scope_bytes: 4096,
 };
 
 fn body(n: usize) -> String {
@@ -116,5 +120,119 @@ fn stitch_cached(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, parse_and_key, stitch_cached);
+/// Pads `prefix` + repeated `unit` + `suffix` to about 1 MiB.
+fn mib(prefix: &str, unit: &str, sep: &str, suffix: &str) -> String {
+    let n = (1 << 20) / (unit.len() + sep.len());
+    format!("{prefix}{}{suffix}", vec![unit; n].join(sep))
+}
+
+/// Bodies of about 1 MiB: an ordinary query, and the worst we know of. All are parsed with the
+/// default limits (the ordinary one with identifiers allowed up to 1 KiB so it can be that big).
+fn preauth_bodies() -> Vec<(&'static str, String, Limits)> {
+    let big_ids = Limits {
+        max_identifier_bytes: 1024,
+        ..LIMITS
+    };
+    let account = format!(
+        "{{\"account\":\"{}\",\"account_type\":0}}",
+        "a".repeat(1000)
+    );
+    let ordinary = format!(
+        "{{\"operator_type\":1,\"account_list\":[{}]}}",
+        vec![account.as_str(); 1000].join(",")
+    );
+    let keys: Vec<String> = (0..100_000).map(|i| format!("\"{i:05x}\":0")).collect();
+    let escapes: Vec<String> = (0..14)
+        .map(|i| format!("\"f{i}\":\"{}\"", "\\u00e9".repeat(12_400)))
+        .collect();
+    let deep_unit = format!("{}1{}", "[".repeat(30), "]".repeat(30));
+    // Extra fields just under `max_scope_bytes`: they are canonicalized into every key.
+    let deep_unit_28 = format!("{}1{}", "[".repeat(28), "]".repeat(28));
+    let deep_extra = format!("[{}]", vec![deep_unit_28.as_str(); 70].join(","));
+    let deep_element = format!("{{\"account\":\"a\",\"x\":{deep_extra}}}");
+    let fields: Vec<String> = (0..14).map(|i| format!("\"f{i}\":{i}")).collect();
+    let wide_element = format!(
+        "{{\"account\":\"a\",\"account_type\":0,{}}}",
+        fields.join(",")
+    );
+    let mut dup: Vec<String> = (0..15)
+        .map(|i| format!("\"f{i}\":{}", "1".repeat(69_000)))
+        .collect();
+    dup.push("\"f0\":0".to_owned());
+    let token = format!("\"{}\"", "\\u4e2d".repeat(66));
+    vec![
+        ("ordinary_1000_accounts", ordinary, big_ids),
+        (
+            "100k_distinct_keys",
+            format!(
+                "{{\"operator_type\":2,\"token_list\":[\"t\"],{}}}",
+                keys.join(",")
+            ),
+            LIMITS,
+        ),
+        (
+            "14_fields_of_escapes",
+            format!(
+                "{{\"operator_type\":2,\"token_list\":[\"t\"],{}}}",
+                escapes.join(",")
+            ),
+            LIMITS,
+        ),
+        (
+            "deep_arrays_at_the_depth_limit",
+            mib(
+                "{\"operator_type\":2,\"token_list\":[\"t\"],\"x\":[",
+                &deep_unit,
+                ",",
+                "]}",
+            ),
+            LIMITS,
+        ),
+        (
+            "250_elements_with_4kib_deep_extras",
+            format!(
+                "{{\"operator_type\":1,\"account_list\":[{}]}}",
+                vec![deep_element.as_str(); 250].join(",")
+            ),
+            LIMITS,
+        ),
+        (
+            "1000_elements_of_16_fields",
+            format!(
+                "{{\"operator_type\":1,\"account_list\":[{}]}}",
+                vec![wide_element.as_str(); 1000].join(",")
+            ),
+            LIMITS,
+        ),
+        (
+            "long_numbers_then_a_duplicate",
+            format!(
+                "{{\"operator_type\":2,\"token_list\":[\"t\"],{}}}",
+                dup.join(",")
+            ),
+            LIMITS,
+        ),
+        (
+            "1000_escaped_tokens",
+            format!(
+                "{{\"operator_type\":2,\"token_list\":[{}]}}",
+                vec![token.as_str(); 1000].join(",")
+            ),
+            LIMITS,
+        ),
+    ]
+}
+
+fn preauth(c: &mut Criterion) {
+    let mut g = c.benchmark_group("preauth_1mib");
+    for (name, body, limits) in preauth_bodies() {
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(name), &body, |bench, b| {
+            bench.iter(|| black_box(parse_query(black_box(b.as_bytes()), &limits).is_ok()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, parse_and_key, stitch_cached, preauth);
 criterion_main!(benches);

@@ -20,6 +20,7 @@ async fn main() {
         max_identifier_bytes: 400,
         max_depth: 32,
         max_fields: 64,
+        max_scope_bytes: 4096,
     };
     let list: Vec<String> = (0..100).map(|i| format!("\"tok-{i:08}\"")).collect();
     let body = format!(

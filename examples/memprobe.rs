@@ -5,15 +5,16 @@
 //!
 //! `cargo run --release --example memprobe -- pad [N] [PAD_BYTES] [MAX_BYTES]` plays a client that
 //! sends `{"operator_type":2,"token_list":["nx-<n>"],"pad":"<PAD_BYTES, unique>"}` N times (default
-//! 2 000 × 900 000 bytes into a 64 MiB cache): every answer is a negative entry whose key pins
-//! its own large top-level scope. RSS must stay within `MAX_BYTES` plus the fixed overhead.
+//! 100 000 × 4 000 bytes, the largest scope the proxy keys (`limits.max_scope_bytes`), into a
+//! 64 MiB cache): every answer is a negative entry whose key pins its own top-level scope. RSS
+//! must stay within `MAX_BYTES` plus the fixed overhead.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
 use tpns_cache::api::query::{Answer, ElementCode, Ident};
-use tpns_cache::cache::{CacheKey, Clock, Policy, Store};
+use tpns_cache::cache::{weigh, CacheKey, Clock, Policy, Store};
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -36,8 +37,8 @@ fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
 
 /// Negative entries whose keys each pin a large, unique top-level scope.
 async fn pad() {
-    let n: usize = arg(2, 2_000);
-    let pad_bytes: usize = arg(3, 900_000);
+    let n: usize = arg(2, 100_000);
+    let pad_bytes: usize = arg(3, 4_000);
     let max_bytes: u64 = arg(4, 64 << 20);
     let store = Store::new(
         max_bytes,
@@ -63,7 +64,10 @@ async fn pad() {
             code: ElementCode::NotFound,
             element: None,
         };
-        store.put(key, answer).await;
+        let entry = store.put(key.clone(), answer).await;
+        if i == 0 {
+            println!("weighed (1st)      {} B", weigh(&key, &entry));
+        }
         if i % 16 == 0 {
             store.sync().await;
             peak = peak.max(rss_bytes());

@@ -60,8 +60,10 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SIGNATURE_MAX_SKEW: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_JSON_DEPTH: usize = 32;
-/// A query has at most four documented top-level fields; unknown ones are passed through.
-pub const DEFAULT_MAX_FIELDS: usize = 64;
+/// A query has at most four documented top-level fields, an `account_list` element two;
+/// unknown ones are passed through.
+pub const DEFAULT_MAX_FIELDS: usize = 16;
+pub const DEFAULT_MAX_SCOPE_BYTES: u64 = 4 * 1024;
 pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_RESPONSE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFUSED_TTL: Duration = Duration::from_secs(60);
@@ -272,6 +274,9 @@ pub struct LimitsConfig {
     pub max_json_depth: usize,
     /// Most members of a query's top-level object and of each `account_list` element.
     pub max_fields: usize,
+    /// Largest size of a query's unknown fields (top-level, or of one element), which become
+    /// part of its cache keys; a query above it is forwarded unchanged and not cached.
+    pub max_scope_bytes: ByteSize,
     /// Most request-body bytes held in memory at once, over all connections; a request that
     /// would pass it is answered 503 at once.
     pub max_buffered_bytes: ByteSize,
@@ -439,6 +444,7 @@ impl Default for Config {
                 body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
                 max_json_depth: DEFAULT_MAX_JSON_DEPTH,
                 max_fields: DEFAULT_MAX_FIELDS,
+                max_scope_bytes: ByteSize::b(DEFAULT_MAX_SCOPE_BYTES),
                 max_buffered_bytes: ByteSize::b(DEFAULT_MAX_BUFFERED_BYTES),
                 response_write_timeout: DEFAULT_RESPONSE_WRITE_TIMEOUT,
                 max_header_bytes: ByteSize::b(DEFAULT_MAX_HEADER_BYTES),
@@ -603,8 +609,8 @@ impl Config {
         if !(2..=128).contains(&self.limits.max_json_depth) {
             problems.push("limits.max_json_depth: must be between 2 and 128".to_owned());
         }
-        if !(4..=10_000).contains(&self.limits.max_fields) {
-            problems.push("limits.max_fields: must be between 4 and 10000".to_owned());
+        if !(4..=1000).contains(&self.limits.max_fields) {
+            problems.push("limits.max_fields: must be between 4 and 1000".to_owned());
         }
         if self.limits.max_buffered_bytes < self.limits.max_body_bytes {
             problems.push(

@@ -370,7 +370,7 @@ impl Metrics {
             Opts::new(
                 "tpns_cache_query_bypass_total",
                 "Queries forwarded unchanged and not cached, by reason (no-credentials, signature, \
-                 unrecognized-credentials, content_type).",
+                 unrecognized-credentials, content_type, scope_too_large).",
             ),
             &["reason"],
         )?;

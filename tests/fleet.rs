@@ -8,7 +8,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -60,6 +61,15 @@ impl Redis {
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+    /// Runs one command with `redis-cli`; its output, trimmed.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli comes with redis-server");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
 
@@ -384,5 +394,257 @@ async fn concurrent_misses_on_three_proxies_fetch_each_identifier_once() {
         base.upstream_identifiers(),
         30,
         "each identifier fetched once in total"
+    );
+}
+
+/// Two sidecars of `fleet_of_three`, with "tw" bound to "before" and cached in the shared tier.
+async fn shared_before(redis: &Redis, base: &Harness) -> Vec<Harness> {
+    base.sim.bind(APP.0, "tw", "before", 0);
+    let proxies = fleet_of_three(redis, base).await;
+    let writes = sample(&proxies[0].metrics().await, "tpns_cache_redis_writes_total");
+    assert!(proxies[0]
+        .query(&tokens_body(&["tw"]))
+        .await
+        .body_text()
+        .contains("before"));
+    wait_for(&proxies[0], "tpns_cache_redis_writes_total", writes + 1.0).await;
+    proxies
+}
+
+async fn write_after(p: &Harness) {
+    let r = p
+        .send(
+            p.proxy,
+            http::Method::POST,
+            "/v3/device/account/batchoperate",
+            &auth_headers(Some(APP)),
+            r#"{"operator_type":2,"token_accounts":[{"token":"tw","account_list":[{"account":"after"}]}]}"#,
+        )
+        .await;
+    assert_eq!(r.json()["ret_code"], 0);
+}
+
+/// Regression (issue 11, item 5): a generation key evicted by Redis (`maxmemory`) read as 0
+/// again, so shared values from before a write became current again (ABA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_generation_never_brings_old_shared_values_back() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    let proxies = shared_before(&redis, &base).await;
+    write_after(&proxies[0]).await;
+    let gens = redis.cli(&["--scan", "--pattern", "tpns-cache:v1:g:*"]);
+    assert!(!gens.is_empty(), "the app has a generation");
+    for g in gens.lines() {
+        redis.cli(&["DEL", g]);
+    }
+    let r = proxies[1].query(&tokens_body(&["tw"])).await;
+    assert!(r.body_text().contains("after"), "{}", r.body_text());
+}
+
+/// Regression (issue 11, item 7): a failed generation bump on a write was ignored, so the
+/// shared values from before the write went on being promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_generation_bump_keeps_the_app_off_the_shared_tier() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    let proxies = shared_before(&redis, &base).await;
+    // The generation key becomes unusable (a value of the wrong type): bumps fail.
+    let gens = redis.cli(&["--scan", "--pattern", "tpns-cache:v1:g:*"]);
+    for g in gens.lines() {
+        redis.cli(&["DEL", g]);
+        redis.cli(&["LPUSH", g, "not-a-generation"]);
+    }
+    write_after(&proxies[0]).await;
+    for p in &proxies[..2] {
+        let r = p.query(&tokens_body(&["tw"])).await;
+        assert!(r.body_text().contains("after"), "{}", r.body_text());
+    }
+    // Once the key is usable again, the retried bump goes through and sharing resumes.
+    for g in gens.lines() {
+        redis.cli(&["DEL", g]);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fresh = tokens_body(&[&token_name(5)]);
+    let writes = sample(&proxies[1].metrics().await, "tpns_cache_redis_writes_total");
+    proxies[1].query(&fresh).await;
+    wait_for(&proxies[1], "tpns_cache_redis_writes_total", writes + 1.0).await;
+    proxies[0].query(&fresh).await;
+    wait_for(
+        &proxies[0],
+        r#"tpns_cache_lookups_total{op="token_accounts",outcome="shared_hit"}"#,
+        1.0,
+    )
+    .await;
+}
+
+/// Forwards TCP connections to `to` until `close_all`; from then on it closes every
+/// connection at once (the upstream becomes unreachable, with a connection error).
+struct Relay {
+    addr: SocketAddr,
+    closed: Arc<AtomicBool>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        {
+            let (closed, tasks) = (closed.clone(), tasks.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if closed.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    tasks.lock().unwrap().push(tokio::spawn(async move {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    }));
+                }
+            });
+        }
+        Relay {
+            addr,
+            closed,
+            tasks,
+        }
+    }
+    fn close_all(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Regression (issue 11, item 7): the retry after a connection error took only the local
+/// limiter (whose whole-upstream rate is 0 in fleet mode), so retries bypassed the fleet quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_takes_a_permit_from_the_fleet_quota() {
+    let redis = Redis::start();
+    let base = Harness::start().await;
+    let relay = Relay::start(base.sim_addr).await;
+    let url = redis.url();
+    let p = proxy(&base.sim, relay.addr, |c| {
+        c.redis.url = url;
+        c.shield.calls_per_second = 1;
+        c.shield.burst = 1;
+        c.shield.max_wait = Duration::from_millis(200);
+        c.shield.retry_budget_ratio = 1.0;
+        c.shield.batch_window = Duration::ZERO;
+        c.shield.breaker_failures = 0;
+        c.shield.unverified_share = 1.0;
+    })
+    .await;
+    wait_for(&p, "tpns_cache_redis_up", 1.0).await;
+    assert_eq!(p.query(&tokens_body(&["token1"])).await.ret_code(), 0);
+    relay.close_all();
+    // A fleet permit is free again; the first call takes it, the retry would need the next.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = p.query(&tokens_body(&["token2"])).await;
+    assert_eq!(r.status, http::StatusCode::BAD_GATEWAY, "{}", r.body_text());
+    let m = p.metrics().await;
+    assert_eq!(sample(&m, "tpns_cache_upstream_retries_total"), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            r#"tpns_cache_limiter_rejections_total{reason="fleet_quota"}"#
+        ),
+        1.0
+    );
+}
+
+/// Regression (issue 11, item 7): a fetch that wrote nothing to the shared tier (an answer
+/// that is never cached) kept its leases until they expired, so other sidecars waited for
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_released_when_a_fetch_writes_nothing() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    let proxies = fleet_of_three(&redis, &base).await;
+    // A token never registered answers "1008006": never cached, never shared.
+    let r = proxies[0].query(&tokens_body(&["never-registered"])).await;
+    assert_eq!(r.json()["result"][0], "1008006");
+    let released = {
+        let mut released = false;
+        for _ in 0..50 {
+            if redis
+                .cli(&["--scan", "--pattern", "tpns-cache:v1:l:*"])
+                .is_empty()
+            {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        released
+    };
+    assert!(released, "the lease was given back at once, not after 3 s");
+}
+
+/// Regression (issue 11, item 7): a release deleted the lease whoever held it, so a sidecar
+/// whose lease had expired dropped the lease another sidecar had taken since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_released_only_by_its_holder() {
+    use tpns_cache::api::query::Ident;
+    use tpns_cache::cache::CacheKey;
+    use tpns_cache::fleet::Fleet;
+    let redis = Redis::start();
+    let metrics = tpns_cache::metrics::Metrics::register(&prometheus::Registry::new()).unwrap();
+    let start = || {
+        Fleet::start(
+            &redis.url(),
+            Duration::from_millis(200),
+            "tpns-cache",
+            "http://upstream",
+            0,
+            1,
+            metrics.clone(),
+        )
+        .unwrap()
+        .unwrap()
+    };
+    let (a, b, c) = (start(), start(), start());
+    for f in [&a, &b, &c] {
+        for _ in 0..100 {
+            if f.is_up() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let key = CacheKey::new(
+        Arc::from("http://upstream"),
+        Arc::from("app"),
+        None,
+        Ident::Token("tok".into()),
+    );
+    let keys = [key];
+    let (ta, tb) = (a.lease_token(1), b.lease_token(1));
+    assert_eq!(
+        a.take_leases(&keys, Duration::from_millis(100), &ta).await,
+        Some(vec![true])
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.take_leases(&keys, Duration::from_secs(10), &tb).await,
+        Some(vec![true]),
+        "A's lease expired"
+    );
+    a.release_leases(&keys, &ta).await;
+    assert_eq!(
+        c.take_leases(&keys, Duration::from_secs(10), &c.lease_token(1))
+            .await,
+        Some(vec![false]),
+        "B's lease survives A's late release"
+    );
+    b.release_leases(&keys, &tb).await;
+    assert_eq!(
+        c.take_leases(&keys, Duration::from_secs(10), &c.lease_token(2))
+            .await,
+        Some(vec![true])
     );
 }

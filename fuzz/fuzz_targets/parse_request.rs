@@ -10,6 +10,7 @@ const LIMITS: Limits = Limits {
     max_identifier_bytes: 400,
     max_depth: 32,
     max_fields: 64,
+        max_scope_bytes: 4096,
 };
 
 fuzz_target!(|data: &[u8]| {

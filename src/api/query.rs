@@ -118,6 +118,9 @@ pub struct Limits {
     pub max_depth: usize,
     /// Most members of the top-level object and of each list element object.
     pub max_fields: usize,
+    /// Largest raw size of the unknown fields that become part of cache keys, top-level and of
+    /// all elements together (see [`Parsed::TooLargeToKey`]).
+    pub max_scope_bytes: usize,
 }
 
 /// Whether `body` nests arrays/objects deeper than `max` (strings are skipped, escapes
@@ -149,40 +152,51 @@ pub fn nesting_exceeds(body: &[u8], max: usize) -> bool {
     false
 }
 
-/// A JSON array of raw elements that stops reading past `max` elements, so a huge list is
-/// refused without allocating for all of it.
-struct BoundedList {
-    max: usize,
+/// Why reading a list stopped before its end.
+enum Stop {
+    TooMany,
+    Invalid(ProxyError),
+    TooLargeToKey,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for BoundedList {
-    type Value = Vec<Box<RawValue>>;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        struct V(usize);
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<Box<RawValue>>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an array")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(el) = seq.next_element::<Box<RawValue>>()? {
-                    if out.len() == self.0 {
-                        return Err(serde::de::Error::custom(TOO_MANY));
-                    }
-                    out.push(el);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_seq(V(self.max))
+/// Hands each element of a JSON array (borrowed, raw) to `f` as it is read, and stops at the
+/// first that `f` refuses or past `max` elements: a huge or bad list costs no more than its
+/// prefix, and is never held whole. Why it stopped is left in `stop`.
+struct EachElement<'p, 'de> {
+    max: usize,
+    stop: &'p std::cell::Cell<Option<Stop>>,
+    f: &'p mut dyn FnMut(usize, &'de RawValue) -> Result<(), Stop>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EachElement<'_, 'de> {
+    type Value = usize;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_seq(self)
     }
 }
 
-const TOO_MANY: &str = "too many elements";
+impl<'de> serde::de::Visitor<'de> for EachElement<'_, 'de> {
+    type Value = usize;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut n = 0;
+        while let Some(el) = seq.next_element::<&'de RawValue>()? {
+            let step = if n == self.max {
+                Err(Stop::TooMany)
+            } else {
+                (self.f)(n, el)
+            };
+            if let Err(stop) = step {
+                self.stop.set(Some(stop));
+                return Err(serde::de::Error::custom("stopped"));
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+}
 
 fn invalid(msg: impl Into<String>) -> ProxyError {
     ProxyError::InvalidParameter(msg.into())
@@ -225,7 +239,12 @@ fn check_identifier(s: &str, what: &str, pos: usize, limits: &Limits) -> Result<
             limits.max_identifier_bytes
         )));
     }
-    if s.chars().any(char::is_control) {
+    let control = if s.is_ascii() {
+        s.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        s.chars().any(char::is_control)
+    };
+    if control {
         return Err(invalid(format!(
             "{what}[{pos}] contains control characters"
         )));
@@ -241,8 +260,22 @@ fn account_type_of(raw: &RawValue, field: &str) -> Result<i64, ProxyError> {
     Ok(t)
 }
 
-/// Parses and validates a client query. Nothing is forwarded for a request that fails here.
-pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, ProxyError> {
+/// What a valid query body turned out to be.
+#[derive(Debug)]
+pub enum Parsed {
+    Query(QueryRequest),
+    /// Its unknown fields (top-level and of all elements together) are larger than
+    /// `limits.max_scope_bytes`: too large to be part of cache keys. Parsing stopped there; such
+    /// a query is forwarded unchanged (the upstream judges it) and nothing of it is cached. Real
+    /// requests carry at most a short `account_type` there; the bound keeps the cost of
+    /// canonical keys, and the memory a key pins, small.
+    TooLargeToKey,
+}
+
+/// Parses and validates a client query for the cache. Nothing is forwarded for a request that
+/// fails here. Every step is linear in the body: it runs before the credential is known to be
+/// good.
+pub fn parse_query(body: &[u8], limits: &Limits) -> Result<Parsed, ProxyError> {
     if nesting_exceeds(body, limits.max_depth) {
         return Err(invalid(format!(
             "JSON nested deeper than {} levels",
@@ -277,42 +310,63 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Proxy
         .get(list_field)
         .filter(|v| v.get() != "null")
         .ok_or(ProxyError::MissingParameter(list_field))?;
+    // Unknown fields, top-level and of every element, count against one budget.
+    let mut unknown_bytes: usize = obj
+        .0
+        .iter()
+        .filter(|(k, _)| k != "operator_type" && k != list_field)
+        .map(|(k, v)| k.len() + v.get().len())
+        .sum();
+    if unknown_bytes > limits.max_scope_bytes {
+        return Ok(Parsed::TooLargeToKey);
+    }
     use serde::de::DeserializeSeed;
-    let mut de = serde_json::Deserializer::from_str(list_raw.get());
-    let list = BoundedList {
-        max: limits.max_items,
-    }
-    .deserialize(&mut de)
-    .map_err(|e| {
-        if e.to_string().starts_with(TOO_MANY) {
-            invalid(format!(
-                "{list_field} has more than {} elements",
-                limits.max_items
-            ))
-        } else {
-            invalid(format!("{list_field} must be an array"))
-        }
-    })?;
-    if list.is_empty() {
-        return Err(invalid(format!("{list_field} is empty")));
-    }
-    let mut items = Vec::with_capacity(list.len());
-    for (pos, raw) in list.into_iter().enumerate() {
+    let mut items: Vec<Item> = Vec::new();
+    let mut each = |pos: usize, raw: &RawValue| -> Result<(), Stop> {
         let ident = match op {
             Op::TokenAccounts => {
-                let token: String = serde_json::from_str(raw.get())
-                    .map_err(|_| invalid(format!("token_list[{pos}] must be a string")))?;
-                check_identifier(&token, "token_list", pos, limits)?;
+                let token: String = serde_json::from_str(raw.get()).map_err(|_| {
+                    Stop::Invalid(invalid(format!("token_list[{pos}] must be a string")))
+                })?;
+                check_identifier(&token, "token_list", pos, limits).map_err(Stop::Invalid)?;
                 Ident::Token(token.into_boxed_str())
             }
-            Op::AccountTokens => parse_account_element(&raw, pos, limits)?,
+            Op::AccountTokens => parse_account_element(raw, pos, limits, &mut unknown_bytes)
+                .map_err(Stop::Invalid)?
+                .ok_or(Stop::TooLargeToKey)?,
         };
-        items.push(Item { ident, raw });
+        items.push(Item {
+            ident,
+            raw: raw.to_owned(),
+        });
+        Ok(())
+    };
+    let stop = std::cell::Cell::new(None);
+    let mut de = serde_json::Deserializer::from_str(list_raw.get());
+    let read = EachElement {
+        max: limits.max_items,
+        stop: &stop,
+        f: &mut each,
+    }
+    .deserialize(&mut de);
+    match (read, stop.take()) {
+        (_, Some(Stop::TooLargeToKey)) => return Ok(Parsed::TooLargeToKey),
+        (_, Some(Stop::Invalid(e))) => return Err(e),
+        (_, Some(Stop::TooMany)) => {
+            return Err(invalid(format!(
+                "{list_field} has more than {} elements",
+                limits.max_items
+            )))
+        }
+        (Err(_), None) => return Err(invalid(format!("{list_field} must be an array"))),
+        (Ok(0), None) => return Err(invalid(format!("{list_field} is empty"))),
+        (Ok(_), None) => {}
     }
     let top_fields: Vec<(String, Box<RawValue>)> = obj
         .0
         .into_iter()
         .filter(|(k, _)| k != "operator_type" && k != list_field)
+        .map(|(k, v)| (k.into_owned(), v.to_owned()))
         .collect();
     let top_scope = if top_fields.is_empty() {
         None
@@ -327,15 +381,36 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Proxy
                 .into_boxed_str(),
         )
     };
-    Ok(QueryRequest {
+    Ok(Parsed::Query(QueryRequest {
         op,
         top_fields,
         top_scope,
         items,
-    })
+    }))
 }
 
-fn parse_account_element(raw: &RawValue, pos: usize, limits: &Limits) -> Result<Ident, ProxyError> {
+/// [`parse_query`] for callers that key every valid query, whatever the size of its unknown
+/// fields (the simulator, tests, benchmarks): `limits.max_scope_bytes` does not apply.
+pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, ProxyError> {
+    let unbounded = Limits {
+        max_scope_bytes: usize::MAX,
+        ..*limits
+    };
+    match parse_query(body, &unbounded)? {
+        Parsed::Query(q) => Ok(q),
+        // Cannot happen: no body is larger than usize::MAX.
+        Parsed::TooLargeToKey => Err(invalid("unknown fields too large")),
+    }
+}
+
+/// An `account_list` element; `None` when its unknown fields push `unknown_bytes` past
+/// `limits.max_scope_bytes`.
+fn parse_account_element(
+    raw: &RawValue,
+    pos: usize,
+    limits: &Limits,
+    unknown_bytes: &mut usize,
+) -> Result<Option<Ident>, ProxyError> {
     let el = RawObject::parse(raw.get().as_bytes(), limits.max_fields).map_err(|e| match e {
         ObjectError::Syntax(_) => invalid(format!("account_list[{pos}] must be an object")),
         ObjectError::Duplicate(k) => invalid(format!("account_list[{pos}]: duplicate key `{k}`")),
@@ -357,8 +432,15 @@ fn parse_account_element(raw: &RawValue, pos: usize, limits: &Limits) -> Result<
     let others: Vec<(&str, &RawValue)> =
         el.0.iter()
             .filter(|(k, _)| k != "account" && k != "account_type")
-            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .map(|(k, v)| (k.as_ref(), *v))
             .collect();
+    *unknown_bytes += others
+        .iter()
+        .map(|(k, v)| k.len() + v.get().len())
+        .sum::<usize>();
+    if *unknown_bytes > limits.max_scope_bytes {
+        return Ok(None);
+    }
     let extra = if others.is_empty() {
         None
     } else {
@@ -368,11 +450,11 @@ fn parse_account_element(raw: &RawValue, pos: usize, limits: &Limits) -> Result<
                 .into_boxed_str(),
         )
     };
-    Ok(Ident::Account {
+    Ok(Some(Ident::Account {
         account: account.into_boxed_str(),
         account_type,
         extra,
-    })
+    }))
 }
 
 /// The body of one upstream sub-request: the client's top-level fields, `operator_type`, and
@@ -484,6 +566,18 @@ struct AccountName<'a> {
 struct TokenName<'a> {
     #[serde(borrow)]
     token: Cow<'a, str>,
+}
+
+/// The top-level `retCode` of a query answer, if it has one.
+pub fn ret_code_of(body: &[u8]) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Code {
+        #[serde(rename = "retCode")]
+        ret_code: i64,
+    }
+    serde_json::from_slice::<Code>(body)
+        .ok()
+        .map(|c| c.ret_code)
 }
 
 /// Checks an upstream answer to a sub-request for `sent` (in the order sent) and pairs each
@@ -644,6 +738,7 @@ mod tests {
         max_identifier_bytes: 16,
         max_depth: 8,
         max_fields: 8,
+        max_scope_bytes: 64,
     };
 
     #[test]

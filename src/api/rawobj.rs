@@ -5,11 +5,13 @@
 //! on which duplicate wins must not be cached or forwarded on a guess, so we refuse it instead.
 //! Member values stay raw so unknown fields are forwarded byte-for-byte.
 //!
-//! Both run before a credential is known to be good, so both are linear in their input: the
-//! member count is capped while parsing (`limits.max_fields`), duplicates are found with a set
-//! of keyed key hashes, and canonicalization is one pass per nesting level (the nesting depth is
+//! Both run before a credential is known to be good, so both are linear in their input and
+//! cheap: members are borrowed from the input (no allocation per member), their count is capped
+//! while parsing (`limits.max_fields`), duplicates are found with a set of keyed key hashes, and
+//! canonicalization copies the input once, reordering only object members (the nesting depth is
 //! bounded by `limits.max_json_depth` before any of this runs).
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt;
@@ -18,8 +20,9 @@ use std::hash::BuildHasher;
 use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+/// An object's members, borrowed from the text it was parsed from.
 #[derive(Debug)]
-pub struct RawObject(pub Vec<(String, Box<RawValue>)>);
+pub struct RawObject<'a>(pub Vec<(Cow<'a, str>, &'a RawValue)>);
 
 /// Why a text is not an acceptable object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,16 +38,13 @@ pub enum ObjectError {
 /// Members above which duplicates are found through a hash set instead of a scan.
 const SCAN_MAX: usize = 8;
 
-impl RawObject {
-    pub fn get(&self, key: &str) -> Option<&RawValue> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_ref())
+impl<'a> RawObject<'a> {
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
 
     /// Parses `text` as an object of at most `max_members` members.
-    pub fn parse(text: &[u8], max_members: usize) -> Result<RawObject, ObjectError> {
+    pub fn parse(text: &'a [u8], max_members: usize) -> Result<RawObject<'a>, ObjectError> {
         let problem = Cell::new(None);
         let mut de = serde_json::Deserializer::from_slice(text);
         let parsed = Members {
@@ -67,23 +67,48 @@ struct Members<'p> {
 }
 
 impl<'de> DeserializeSeed<'de> for Members<'_> {
-    type Value = RawObject;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RawObject, D::Error> {
+    type Value = RawObject<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RawObject<'de>, D::Error> {
         d.deserialize_map(self)
     }
 }
 
+/// A key, borrowed when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 impl<'de> Visitor<'de> for Members<'_> {
-    type Value = RawObject;
+    type Value = RawObject<'de>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawObject, A::Error> {
-        let mut members: Vec<(String, Box<RawValue>)> = Vec::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawObject<'de>, A::Error> {
+        let mut members: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::new();
         // Keyed hashes of the keys seen, once there are more than a scan handles cheaply.
         let hasher = foldhash::fast::RandomState::default();
         let mut seen: Option<HashSet<u64, std::hash::BuildHasherDefault<IdentityHasher>>> = None;
-        while let Some(key) = map.next_key::<String>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if members.len() == self.max {
                 self.problem
                     .set(Some(ObjectError::TooManyMembers(self.max)));
@@ -93,7 +118,8 @@ impl<'de> Visitor<'de> for Members<'_> {
                 None => members.iter().any(|(k, _)| *k == key),
                 // A hash already seen is a duplicate or (rarely) a collision: confirm by scanning.
                 Some(set) => {
-                    !set.insert(hasher.hash_one(&key)) && members.iter().any(|(k, _)| *k == key)
+                    !set.insert(hasher.hash_one(key.as_ref()))
+                        && members.iter().any(|(k, _)| *k == key)
                 }
             };
             if duplicate {
@@ -103,11 +129,11 @@ impl<'de> Visitor<'de> for Members<'_> {
             }
             if seen.is_none() && members.len() >= SCAN_MAX {
                 let mut set = HashSet::with_capacity_and_hasher(2 * SCAN_MAX, Default::default());
-                set.extend(members.iter().map(|(k, _)| hasher.hash_one(k)));
-                set.insert(hasher.hash_one(&key));
+                set.extend(members.iter().map(|(k, _)| hasher.hash_one(k.as_ref())));
+                set.insert(hasher.hash_one(key.as_ref()));
                 seen = Some(set);
             }
-            let value: Box<RawValue> = map.next_value()?;
+            let value: &'de RawValue = map.next_value()?;
             members.push((key, value));
         }
         Ok(RawObject(members))
@@ -133,9 +159,10 @@ impl std::hash::Hasher for IdentityHasher {
 }
 
 /// The canonical text of some raw members: keys sorted (stably, so repeated keys in nested
-/// objects keep their order), insignificant whitespace dropped, strings re-escaped one way;
-/// numbers keep their exact digits (`12345678901234567890123` and `…124` stay different, and
-/// `1` and `1.0` are different keys too: distinct spellings may share less, never wrongly).
+/// objects keep their order), insignificant whitespace dropped, everything else exactly as
+/// written. Numbers keep their digits (`12345678901234567890123` and `…124` stay different) and
+/// strings their escapes: two spellings of one value (`1` and `1.0`, `"A"` and `"\u0041"`) are
+/// two keys, which shares less but never wrongly, and costs one copy of the input.
 pub fn canonical(members: &[(&str, &RawValue)]) -> Result<String, serde_json::Error> {
     let mut sorted: Vec<(&str, &RawValue)> = members.to_vec();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
@@ -150,9 +177,15 @@ pub fn canonical(members: &[(&str, &RawValue)]) -> Result<String, serde_json::Er
         if i > 0 {
             out.push(',');
         }
-        push_string(&mut out, k)?;
+        if k.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            out.push_str(&serde_json::to_string(k)?);
+        } else {
+            out.push('"');
+            out.push_str(k);
+            out.push('"');
+        }
         out.push(':');
-        let text = v.get().as_bytes();
+        let text = v.get();
         let mut pos = 0;
         canon_value(text, &mut pos, &mut out, 0)?;
     }
@@ -173,9 +206,68 @@ fn skip_ws(s: &[u8], pos: &mut usize) {
     }
 }
 
-/// Appends the canonical form of the JSON value starting at `s[*pos]` and moves past it.
+/// Appends the canonical form of the JSON value starting at `text[*pos]` and moves past it.
+/// Scalars, strings and arrays are copied in one loop (arrays open and close without
+/// recursion); only an object recurses, collecting its members as spans of one scratch buffer
+/// (not a string each), which are sorted and then copied.
 fn canon_value(
-    s: &[u8],
+    text: &str,
+    pos: &mut usize,
+    out: &mut String,
+    depth: usize,
+) -> Result<(), serde_json::Error> {
+    let s = text.as_bytes();
+    // Arrays open inside this value.
+    let mut open = 0usize;
+    loop {
+        skip_ws(s, pos);
+        match s.get(*pos) {
+            Some(b'[') => {
+                open += 1;
+                if depth + open > MAX_CANON_DEPTH {
+                    return Err(syntax("nested too deeply"));
+                }
+                out.push('[');
+                *pos += 1;
+                continue;
+            }
+            Some(b',') if open > 0 => {
+                out.push(',');
+                *pos += 1;
+                continue;
+            }
+            Some(b']') if open > 0 => {
+                open -= 1;
+                out.push(']');
+                *pos += 1;
+            }
+            Some(b'"') => out.push_str(scan_string(text, pos)?),
+            Some(b'{') => canon_object(text, pos, out, depth + open + 1)?,
+            Some(_) => {
+                // A number or a literal: kept exactly as written.
+                let start = *pos;
+                while *pos < s.len()
+                    && matches!(s[*pos], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' | b'a'..=b'z')
+                {
+                    *pos += 1;
+                }
+                if start == *pos {
+                    return Err(syntax("unexpected character"));
+                }
+                out.push_str(text.get(start..*pos).ok_or_else(|| syntax("not UTF-8"))?);
+            }
+            None => return Err(syntax("unexpected end")),
+        }
+        // A value (or the outermost array) just ended.
+        if open == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// The object starting at `text[*pos]`, members sorted by their raw keys.
+fn canon_object(
+    text: &str,
     pos: &mut usize,
     out: &mut String,
     depth: usize,
@@ -183,105 +275,55 @@ fn canon_value(
     if depth > MAX_CANON_DEPTH {
         return Err(syntax("nested too deeply"));
     }
+    let s = text.as_bytes();
+    *pos += 1;
     skip_ws(s, pos);
-    match s.get(*pos) {
-        Some(b'{') => {
-            *pos += 1;
-            let mut members: Vec<(String, String)> = Vec::new();
-            skip_ws(s, pos);
-            if s.get(*pos) == Some(&b'}') {
-                *pos += 1;
-                out.push_str("{}");
-                return Ok(());
-            }
-            loop {
-                skip_ws(s, pos);
-                let key = scan_string(s, pos)?;
-                let key: String = serde_json::from_str(key)?;
-                skip_ws(s, pos);
-                if s.get(*pos) != Some(&b':') {
-                    return Err(syntax("expected ':'"));
-                }
-                *pos += 1;
-                let mut value = String::new();
-                canon_value(s, pos, &mut value, depth + 1)?;
-                members.push((key, value));
-                skip_ws(s, pos);
-                match s.get(*pos) {
-                    Some(b',') => *pos += 1,
-                    Some(b'}') => {
-                        *pos += 1;
-                        break;
-                    }
-                    _ => return Err(syntax("expected ',' or '}'")),
-                }
-            }
-            members.sort_by(|a, b| a.0.cmp(&b.0));
-            out.push('{');
-            for (i, (k, v)) in members.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                push_string(out, k)?;
-                out.push(':');
-                out.push_str(v);
-            }
-            out.push('}');
-        }
-        Some(b'[') => {
-            *pos += 1;
-            out.push('[');
-            skip_ws(s, pos);
-            if s.get(*pos) == Some(&b']') {
-                *pos += 1;
-                out.push(']');
-                return Ok(());
-            }
-            let mut first = true;
-            loop {
-                if !first {
-                    out.push(',');
-                }
-                first = false;
-                canon_value(s, pos, out, depth + 1)?;
-                skip_ws(s, pos);
-                match s.get(*pos) {
-                    Some(b',') => *pos += 1,
-                    Some(b']') => {
-                        *pos += 1;
-                        break;
-                    }
-                    _ => return Err(syntax("expected ',' or ']'")),
-                }
-            }
-            out.push(']');
-        }
-        Some(b'"') => {
-            let raw = scan_string(s, pos)?;
-            let decoded: String = serde_json::from_str(raw)?;
-            push_string(out, &decoded)?;
-        }
-        Some(_) => {
-            // A number or a literal: kept exactly as written.
-            let start = *pos;
-            while *pos < s.len()
-                && matches!(s[*pos], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' | b'a'..=b'z')
-            {
-                *pos += 1;
-            }
-            if start == *pos {
-                return Err(syntax("unexpected character"));
-            }
-            let token = std::str::from_utf8(&s[start..*pos]).map_err(|_| syntax("not UTF-8"))?;
-            out.push_str(token);
-        }
-        None => return Err(syntax("unexpected end")),
+    if s.get(*pos) == Some(&b'}') {
+        *pos += 1;
+        out.push_str("{}");
+        return Ok(());
     }
+    // (raw key, start and end of `"key":value` in `scratch`)
+    let mut members: Vec<(&str, usize, usize)> = Vec::new();
+    let mut scratch = String::new();
+    loop {
+        skip_ws(s, pos);
+        let key = scan_string(text, pos)?;
+        skip_ws(s, pos);
+        if s.get(*pos) != Some(&b':') {
+            return Err(syntax("expected ':'"));
+        }
+        *pos += 1;
+        let start = scratch.len();
+        scratch.push_str(key);
+        scratch.push(':');
+        canon_value(text, pos, &mut scratch, depth)?;
+        members.push((key, start, scratch.len()));
+        skip_ws(s, pos);
+        match s.get(*pos) {
+            Some(b',') => *pos += 1,
+            Some(b'}') => {
+                *pos += 1;
+                break;
+            }
+            _ => return Err(syntax("expected ',' or '}'")),
+        }
+    }
+    members.sort_by(|a, b| a.0.cmp(b.0));
+    out.push('{');
+    for (i, (_, start, end)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&scratch[*start..*end]);
+    }
+    out.push('}');
     Ok(())
 }
 
-/// The raw text of the JSON string starting at `s[*pos]` (quotes included); moves past it.
-fn scan_string<'a>(s: &'a [u8], pos: &mut usize) -> Result<&'a str, serde_json::Error> {
+/// The raw text of the JSON string starting at `text[*pos]` (quotes included); moves past it.
+fn scan_string<'t>(text: &'t str, pos: &mut usize) -> Result<&'t str, serde_json::Error> {
+    let s = text.as_bytes();
     if s.get(*pos) != Some(&b'"') {
         return Err(syntax("expected a string"));
     }
@@ -292,7 +334,7 @@ fn scan_string<'a>(s: &'a [u8], pos: &mut usize) -> Result<&'a str, serde_json::
             b'\\' => *pos += 2,
             b'"' => {
                 *pos += 1;
-                return std::str::from_utf8(&s[start..*pos]).map_err(|_| syntax("not UTF-8"));
+                return text.get(start..*pos).ok_or_else(|| syntax("not UTF-8"));
             }
             _ => *pos += 1,
         }
@@ -300,16 +342,11 @@ fn scan_string<'a>(s: &'a [u8], pos: &mut usize) -> Result<&'a str, serde_json::
     Err(syntax("unterminated string"))
 }
 
-fn push_string(out: &mut String, s: &str) -> Result<(), serde_json::Error> {
-    out.push_str(&serde_json::to_string(s)?);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<RawObject, ObjectError> {
+    fn parse(text: &str) -> Result<RawObject<'_>, ObjectError> {
         RawObject::parse(text.as_bytes(), 16)
     }
 
@@ -367,7 +404,7 @@ mod tests {
         let o = parse(text).unwrap();
         canonical(
             &o.0.iter()
-                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .map(|(k, v)| (k.as_ref(), *v))
                 .collect::<Vec<_>>(),
         )
         .unwrap()
@@ -380,9 +417,23 @@ mod tests {
             canon(r#"{"x":1,"y":{"p":2,"q":1}}"#)
         );
         assert_eq!(
-            canon(r#"{"y": {"q":1, "p":[ 2 , "\u0041" ,{}, []]}, "x": true}"#),
-            r#"{"x":true,"y":{"p":[2,"A",{},[]],"q":1}}"#
+            canon(r#"{"y": {"q":1, "p":[ 2 , "\u0041 b" ,{ }, [ ]]}, "x": true}"#),
+            r#"{"x":true,"y":{"p":[2,"\u0041 b",{},[]],"q":1}}"#
         );
+    }
+
+    #[test]
+    fn canonical_text_is_json() {
+        for text in [
+            r#"{"a":[{"z":"x\"y","b":[[],[{}],{"k":"\\"}]},-1.5e-3,null,true],"\u0062":{"y":1,"x":[1,2]}}"#,
+            r#"{"s":"]},{[\"","t":[ [ [ 1 ] , [ ] ] ]}"#,
+        ] {
+            let c = canon(text);
+            let v: serde_json::Value =
+                serde_json::from_str(&c).unwrap_or_else(|e| panic!("{c}: {e}"));
+            let w: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v, w, "same value: {c}");
+        }
     }
 
     /// Regression: canonical keys went through f64, so two unknown fields holding

@@ -763,6 +763,59 @@ mod tests {
         );
     }
 
+    /// Regression: the weigher charged the identifier and the element but not the key's
+    /// top-level scope, so one client could pin a 900 KB field per negative entry while being
+    /// charged ~0.6 KB, and memory grew far past `cache.max_bytes`.
+    #[tokio::test]
+    async fn an_entry_is_charged_everything_its_key_pins() {
+        let s = Store::new(
+            1 << 20,
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+            Clock::default(),
+        );
+        for i in 0..50 {
+            let scope: Arc<str> =
+                Arc::from(format!("{{\"pad\":\"{i:03}{}\"}}", "x".repeat(100_000)));
+            let key = CacheKey::new(
+                Arc::from("http://u"),
+                Arc::from("a"),
+                Some(scope),
+                Ident::Token(format!("nx-{i}").into()),
+            );
+            let e = s.put(key.clone(), not_found()).await;
+            assert!(weigh(&key, &e) > 100_000);
+        }
+        s.sync().await;
+        assert!(s.weighted_bytes() <= 1 << 20, "{}", s.weighted_bytes());
+        assert!(
+            s.entry_count() <= 10,
+            "{} entries of 100 KB in 1 MiB",
+            s.entry_count()
+        );
+    }
+
+    /// Issue 11, item 7: a value promoted from the shared tier while a write to its app passed
+    /// is not stored (it may predate the write).
+    #[tokio::test]
+    async fn promotions_from_before_a_write_are_not_stored() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        let epoch = s.index().epoch(&app);
+        drop(s.begin_write(&app));
+        let (_, dropped) = s
+            .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
+            .await;
+        assert!(dropped);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+        let epoch = s.index().epoch(&app);
+        let (e, dropped) = s
+            .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
+            .await;
+        assert!(!dropped);
+        assert!(e.fresh_until <= s.clock().now() + Duration::from_secs(5));
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+    }
+
     #[tokio::test]
     async fn apps_do_not_share_entries() {
         let s = store(10);

@@ -256,15 +256,15 @@ impl Fetcher {
                 q.partial_failure_ret_code,
                 q.all_failed_ret_code,
             ],
-            // Window, a lease wait in fleet mode, limiter waits (unverified share, quota) for a
-            // call and for its one retry, the call and its retry, and a margin.
+            // Window, a lease wait in fleet mode, the admission wait of a call and of its one
+            // retry (all quotas share one wait), the call and its retry, and a margin.
             wait_bound: s.batch_window
                 + if fleet.is_some() {
                     lease_for
                 } else {
                     Duration::ZERO
                 }
-                + s.max_wait * 4
+                + s.max_wait * 2
                 + config.upstream.timeout * 2
                 + Duration::from_secs(1),
             fleet,
@@ -308,7 +308,8 @@ impl Fetcher {
     /// A permit for one call of `n` identifiers from every quota that applies: the unverified
     /// share (for a credential the upstream has not accepted yet), the fleet's quota in Redis
     /// (or, while Redis is away, the local share of it), then this sidecar's limiter. Used for
-    /// a first call and for its retry alike. Refusals carry the wait and the metric reason.
+    /// a first call and for its retry alike. Refusals carry the wait and the metric reason, and
+    /// are counted.
     async fn admit(
         &self,
         m: &crate::metrics::Metrics,
@@ -316,33 +317,48 @@ impl Fetcher {
         n: usize,
         unverified: bool,
     ) -> Result<(), (Duration, &'static str)> {
-        let mut waited = Duration::ZERO;
+        let admitted = self.admit_uncounted(m, app, n, unverified).await;
+        if let Err((_, reason)) = &admitted {
+            m.limiter_rejections.with_label_values(&[reason]).inc();
+        }
+        admitted
+    }
+
+    /// The quotas of one admission share one wait of at most `shield.max_wait`.
+    async fn admit_uncounted(
+        &self,
+        m: &crate::metrics::Metrics,
+        app: &Arc<str>,
+        n: usize,
+        unverified: bool,
+    ) -> Result<(), (Duration, &'static str)> {
+        let started = tokio::time::Instant::now();
+        let left = || self.max_wait.saturating_sub(started.elapsed());
         if unverified {
-            waited += self
-                .unverified
-                .acquire(app, n)
+            self.unverified
+                .acquire_within(app, n, left())
                 .await
                 .map_err(|d| (d.retry_after(), "unverified_share"))?;
         }
         if let Some((fleet, fallback)) = &self.fleet {
-            match fleet.acquire(self.max_wait).await {
-                Ok(w) => waited += w,
+            match fleet.acquire(left()).await {
+                Ok(_) => {}
                 Err(crate::fleet::FleetDenied::Quota(wait)) => return Err((wait, "fleet_quota")),
                 Err(crate::fleet::FleetDenied::Unavailable) => {
                     m.fleet_fallbacks.inc();
-                    waited += fallback
-                        .acquire(app, n)
+                    fallback
+                        .acquire_within(app, n, left())
                         .await
                         .map_err(|d| (d.retry_after(), d.as_str()))?;
                 }
             }
         }
-        waited += self
-            .limiter
-            .acquire(app, n)
+        self.limiter
+            .acquire_within(app, n, left())
             .await
             .map_err(|d| (d.retry_after(), d.as_str()))?;
-        m.limiter_wait_seconds.observe(waited.as_secs_f64());
+        m.limiter_wait_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 }
@@ -669,7 +685,6 @@ async fn call(
     };
     let unverified = !state.credentials.is_accepted(&ctx.fingerprint);
     if let Err((wait, reason)) = f.admit(m, &ctx.access_id, n, unverified).await {
-        m.limiter_rejections.with_label_values(&[reason]).inc();
         return refuse(
             ProxyError::RateLimited {
                 retry_after: wait.max(Duration::from_secs(1)),
@@ -765,5 +780,111 @@ async fn send(
         Ok((StatusCode::OK, body)) => Ok(body),
         Ok((status, _)) => Err(ProxyError::UpstreamStatus(status.as_u16())),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Clock;
+
+    fn key(token: &str) -> CacheKey {
+        CacheKey::new(
+            Arc::from("http://u"),
+            Arc::from("app"),
+            None,
+            Ident::Token(token.into()),
+        )
+    }
+
+    fn raw(token: &str) -> Box<RawValue> {
+        RawValue::from_string(format!("{token:?}")).expect("JSON")
+    }
+
+    /// Regression (issue 11, item 8): a panic in a batch task left its flights registered
+    /// forever, so every later request for those keys joined a flight nobody would resolve.
+    #[tokio::test]
+    async fn a_batch_task_that_panics_leaves_no_flight_behind() {
+        let state = crate::build_state(Config::default(), Clock::default()).expect("state");
+        let fp = [3u8; 32];
+        let (waiters, items) = register(&state.fetcher, fp, vec![(key("t"), raw("t"))]);
+        assert_eq!(state.fetcher.inflight_count(), 1);
+        let batch = Pending {
+            id: 1,
+            ctx: Arc::new(RequestContext {
+                fingerprint: fp,
+                access_id: Arc::from("app"),
+                op: Op::TokenAccounts,
+                top_scope: None,
+                top_fields: Vec::new(),
+                headers: HeaderMap::new(),
+                auth: UpstreamAuth::Header(http::HeaderValue::from_static("Basic eDp5")),
+            }),
+            items,
+            names: HashSet::new(),
+        };
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let _landing = Landing::of(&state, &batch);
+                let _batch = batch;
+                panic!("a bug in the batch task (injected)");
+            }
+        });
+        assert!(task.await.expect_err("it panicked").is_panic());
+        assert_eq!(state.fetcher.inflight_count(), 0, "its flight was landed");
+        let (waiter, joined) = waiters.into_iter().next().expect("one waiter");
+        assert!(!joined);
+        let result = tokio::time::timeout(Duration::from_secs(1), waiter.result())
+            .await
+            .expect("the waiter is answered, not left hanging");
+        assert!(result.is_err());
+        let (again, new) = register(&state.fetcher, fp, vec![(key("t"), raw("t"))]);
+        assert!(!again[0].1, "a new flight, not the dead one");
+        assert_eq!(new.len(), 1);
+    }
+
+    /// A flight whose sender is gone without being landed is replaced, not joined.
+    #[tokio::test]
+    async fn a_dead_flight_is_replaced() {
+        let state = crate::build_state(Config::default(), Clock::default()).expect("state");
+        let fp = [4u8; 32];
+        let (_, items) = register(&state.fetcher, fp, vec![(key("t"), raw("t"))]);
+        drop(items);
+        let (again, new) = register(&state.fetcher, fp, vec![(key("t"), raw("t"))]);
+        assert!(!again[0].1);
+        assert_eq!(new.len(), 1);
+        let (joined, none) = register(&state.fetcher, fp, vec![(key("t"), raw("t"))]);
+        assert!(joined[0].1, "a live flight is joined");
+        assert!(none.is_empty());
+    }
+
+    /// Regression (issue 11, item 7): the waiters' bound left out the fleet lease wait, so a
+    /// waiter could get 504 while the fetch it waited for was still running.
+    #[tokio::test]
+    async fn the_wait_bound_covers_a_lease_wait_and_both_calls() {
+        let mut config = Config::default();
+        config.redis.url = "redis://127.0.0.1:1/0".to_owned();
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::register(&registry).expect("metrics");
+        let fleet = crate::fleet::Fleet::start(
+            &config.redis.url,
+            config.redis.timeout,
+            "t",
+            "http://u",
+            10,
+            10,
+            metrics,
+        )
+        .expect("fleet")
+        .map(Arc::new);
+        let f = Fetcher::new(&config, fleet);
+        let s = &config.shield;
+        let worst = s.batch_window
+            + f.lease_for
+            // One admission wait (all quotas together) for the call and one for its retry.
+            + s.max_wait * 2
+            + config.upstream.timeout * 2;
+        assert!(f.wait_bound > worst, "{:?} <= {worst:?}", f.wait_bound);
     }
 }

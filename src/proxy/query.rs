@@ -20,14 +20,16 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
-use super::auth::{ClientAuth, Fingerprint, UpstreamAuth};
+use super::auth::{is_auth_failure, ClientAuth, Fingerprint, UpstreamAuth};
 use super::fetch::{self, FetchError, RequestContext};
 use super::{
     cache_status, error_response, json_response, passthrough, read_body, RetCode, State,
     CACHE_STATUS,
 };
 use crate::api::error::ProxyError;
-use crate::api::query::{parse_request, stitch, top_level_code, Answer, Limits, QueryRequest};
+use crate::api::query::{
+    parse_query, stitch, top_level_code, Answer, Limits, Parsed, QueryRequest,
+};
 use crate::api::{code, ErrorShape};
 use crate::cache::memo::Memoized;
 use crate::cache::{CacheKey, Entry, Lookup};
@@ -70,6 +72,45 @@ async fn bypass(
         .inc();
     let params = format!("fwd=bypass; detail=\"{reason}\"");
     passthrough::forward_as_is(state, req, inject, &params).await
+}
+
+/// A query whose body was read but that the cache does not serve ([`Parsed::TooLargeToKey`]),
+/// forwarded unchanged (but for injected credentials).
+async fn bypass_read(
+    state: &Arc<State>,
+    parts: http::request::Parts,
+    body: Bytes,
+    auth: &ClientAuth,
+) -> (Response<ProxyBody>, RequestOutcome) {
+    let reason = "scope_too_large";
+    state
+        .metrics
+        .query_bypass
+        .with_label_values(&[reason])
+        .inc();
+    let inject = match auth {
+        ClientAuth::Injected { .. } => state.credentials.injection(),
+        _ => None,
+    };
+    let params = format!("fwd=bypass; detail=\"{reason}\"");
+    match passthrough::forward_buffered(state, parts, body, inject.as_ref(), &params).await {
+        Ok((head, body)) => {
+            // The upstream's refusal of the credential is remembered as on the cached path.
+            if let Some((_, fingerprint)) = auth.scope() {
+                if crate::api::query::ret_code_of(&body).is_some_and(is_auth_failure) {
+                    state.credentials.refuse(fingerprint);
+                }
+            }
+            (
+                Response::from_parts(head, crate::upstream::full(body)),
+                RequestOutcome::Bypass,
+            )
+        }
+        Err(e) => (
+            error_response(ErrorShape::Camel, &e),
+            RequestOutcome::UpstreamError,
+        ),
+    }
 }
 
 /// Whether the body is declared JSON, or not declared at all (real SDKs send none).
@@ -137,16 +178,22 @@ async fn serve(
     if let Some(resp) = from_memo(state, &fingerprint, &bytes) {
         return resp;
     }
-    let request = match parse_request(
+    let request = match parse_query(
         &bytes,
         &Limits {
             max_items: limits.max_items,
             max_identifier_bytes: limits.max_identifier_bytes,
             max_depth: limits.max_json_depth,
             max_fields: limits.max_fields,
+            max_scope_bytes: limits
+                .max_scope_bytes
+                .as_u64()
+                .try_into()
+                .unwrap_or(usize::MAX),
         },
     ) {
-        Ok(r) => r,
+        Ok(Parsed::Query(r)) => r,
+        Ok(Parsed::TooLargeToKey) => return bypass_read(state, parts, bytes, &auth).await,
         Err(e) => return refused(e),
     };
     let headers = upstream_headers(&parts.headers);

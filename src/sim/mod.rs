@@ -454,6 +454,7 @@ fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
             max_identifier_bytes: crate::config::DEFAULT_MAX_IDENTIFIER_BYTES,
             max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
             max_fields: crate::config::DEFAULT_MAX_FIELDS,
+            max_scope_bytes: usize::MAX,
         },
     ) {
         Ok(r) => r,

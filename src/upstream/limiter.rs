@@ -98,6 +98,17 @@ impl UpstreamLimiter {
     /// Waits for a permit for one call of `identifiers` identifiers for `app`.
     /// Returns how long it waited.
     pub async fn acquire(&self, app: &Arc<str>, identifiers: usize) -> Result<Duration, Denied> {
+        self.acquire_within(app, identifiers, self.max_wait).await
+    }
+
+    /// [`UpstreamLimiter::acquire`], waiting at most `max_wait` (what is left of a wait shared
+    /// with other limiters).
+    pub async fn acquire_within(
+        &self,
+        app: &Arc<str>,
+        identifiers: usize,
+        max_wait: Duration,
+    ) -> Result<Duration, Denied> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         if n % 4096 == 4095 {
             if let Some(l) = &self.per_app {
@@ -106,7 +117,7 @@ impl UpstreamLimiter {
             }
         }
         let started = tokio::time::Instant::now();
-        let deadline = started + self.max_wait;
+        let deadline = started + max_wait.min(self.max_wait);
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(Denied::QueueFull);
