@@ -23,7 +23,7 @@ async fn pathological_bodies_before_authentication_leave_the_proxy_responsive() 
     let h = Arc::new(Harness::start().await);
     let cached = tokens_body(&["token1", "token2"]);
     h.query(&cached).await;
-    assert!(h.query(&cached).await.cache_status().contains("hit"));
+    assert!(h.query(&cached).await.cache_status().contains("; hit;"));
     // The worst bodies under 1 MiB we know of, for an app that does not exist (`x:y`).
     let keys: Vec<String> = (0..80_000).map(|i| format!("\"{i:05x}\":0")).collect();
     let many_keys = format!(
@@ -82,7 +82,7 @@ async fn pathological_bodies_before_authentication_leave_the_proxy_responsive() 
         let r = tokio::time::timeout(Duration::from_secs(2), h.query(&cached))
             .await
             .expect("a cached query within 2 s");
-        assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
+        assert!(r.cache_status().contains("; hit;"), "{}", r.cache_status());
         slowest = slowest.max(started.elapsed());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -142,7 +142,7 @@ async fn a_non_json_content_type_is_forwarded_unchanged_and_not_cached() {
     h.send(h.proxy, Method::POST, QUERY, &auth, body.clone())
         .await;
     let r = h.send(h.proxy, Method::POST, QUERY, &auth, body).await;
-    assert!(r.cache_status().contains("hit"), "{}", r.cache_status());
+    assert!(r.cache_status().contains("; hit;"), "{}", r.cache_status());
 }
 
 /// Regression (item 6): a credential the upstream refused went upstream again on every request.
@@ -416,7 +416,7 @@ async fn a_header_naming_another_app_does_not_invalidate_it() {
         .query_as(Some(OTHER_APP), &body)
         .await
         .cache_status()
-        .contains("hit"));
+        .contains("; hit;"));
     h.query(&body).await;
     let r = h
         .send(
@@ -436,7 +436,7 @@ async fn a_header_naming_another_app_does_not_invalidate_it() {
         h.query_as(Some(OTHER_APP), &body)
             .await
             .cache_status()
-            .contains("hit"),
+            .contains("; hit;"),
         "the other app's entry survives"
     );
 }
@@ -452,7 +452,7 @@ async fn a_write_whose_forward_failed_is_invalidated_again_later() {
     .await;
     let body = tokens_body(&["token1"]);
     h.query(&body).await;
-    assert!(h.query(&body).await.cache_status().contains("hit"));
+    assert!(h.query(&body).await.cache_status().contains("; hit;"));
     h.sim.set_faults(Faults {
         latency_ms: 600,
         ..Faults::default()
@@ -470,7 +470,7 @@ async fn a_write_whose_forward_failed_is_invalidated_again_later() {
     h.sim.set_faults(Faults::default());
     // Re-read (and re-cached) before the delayed invalidation…
     h.query(&body).await;
-    assert!(h.query(&body).await.cache_status().contains("hit"));
+    assert!(h.query(&body).await.cache_status().contains("; hit;"));
     tokio::time::sleep(Duration::from_millis(600)).await;
     // …which drops it again.
     assert!(
@@ -489,7 +489,7 @@ async fn an_odd_spelling_of_batchoperate_still_invalidates() {
         "/v3/device/account/%62atchoperate",
     ] {
         h.query(&body).await;
-        assert!(h.query(&body).await.cache_status().contains("hit"));
+        assert!(h.query(&body).await.cache_status().contains("; hit;"));
         h.send(
             h.proxy,
             Method::POST,
