@@ -99,6 +99,8 @@ return n
 
 /// Most apps whose failed generation bump waits for a retry; past it every app fails closed.
 const MAX_PENDING_BUMPS: usize = 10_000;
+/// Most names one app's waiting invalidations keep; past it the retry purges the whole app.
+const MAX_PENDING_NAMES: usize = 10_000;
 
 /// Why the fleet limiter gave no permit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +162,10 @@ struct InvalidationMsg {
     tokens: Vec<String>,
     accounts: Vec<String>,
     all: bool,
+    /// Whether the sender's generation bump went through. When it did not, every sidecar that
+    /// hears of it fails closed for the app too, and retries the bump itself.
+    #[serde(default)]
+    b: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -580,31 +586,48 @@ impl Fleet {
             tokens: tokens.to_vec(),
             accounts: accounts.to_vec(),
             all,
+            b: false,
         };
         if self.deliver(&msg).await {
             return;
         }
         tracing::warn!("fleet mode: an invalidation did not reach Redis; shared values of its app are not used until it does");
+        self.fail_closed(msg);
+    }
+
+    /// Uses no shared value of `msg.app` until a bump of its own succeeds (see `usable`).
+    fn fail_closed(&self, msg: InvalidationMsg) {
+        let app = msg.app.clone();
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = p.apps.get_mut(app) {
-            // One retry covers both writes.
+        if let Some(old) = p.apps.get_mut(&app) {
+            // One retry covers both writes (as a purge of the whole app past a bound).
             old.all |= msg.all;
             old.tokens.extend(msg.tokens);
             old.accounts.extend(msg.accounts);
+            if old.tokens.len() + old.accounts.len() > MAX_PENDING_NAMES {
+                old.all = true;
+                old.tokens = Vec::new();
+                old.accounts = Vec::new();
+            }
             return;
         }
         if p.apps.len() >= MAX_PENDING_BUMPS {
             p.overflowed = true;
             return;
         }
-        p.apps.insert(app.to_owned(), msg);
+        p.apps.insert(app, msg);
     }
 
     /// Bumps the app's generation and publishes the invalidation; whether both worked.
     async fn deliver(&self, msg: &InvalidationMsg) -> bool {
         let invocation = self.gen_bump.key(self.gen_key(&msg.app));
         let bumped: Option<String> = self.run_script(&invocation).await;
-        let Ok(payload) = serde_json::to_string(msg) else {
+        let sent = InvalidationMsg {
+            o: self.origin,
+            b: bumped.is_some(),
+            ..msg.clone()
+        };
+        let Ok(payload) = serde_json::to_string(&sent) else {
             return false;
         };
         let published: Option<u64> = self
@@ -664,6 +687,11 @@ impl Fleet {
                     };
                     if m.o == fleet.origin {
                         continue;
+                    }
+                    if !m.b {
+                        // Its sender could not move the generation: shared values of the app
+                        // may predate the write. Fail closed here too, until a bump succeeds.
+                        fleet.fail_closed(m.clone());
                     }
                     let app: Arc<str> = Arc::from(m.app.as_str());
                     let write = store.begin_write(&app);

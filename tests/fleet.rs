@@ -448,21 +448,16 @@ async fn a_failed_generation_bump_keeps_the_app_off_the_shared_tier() {
     let redis = Redis::start();
     let base = Harness::with(big_sim(), |_| {}).await;
     let proxies = shared_before(&redis, &base).await;
-    // The generation key becomes unusable (a value of the wrong type): bumps fail.
-    let gens = redis.cli(&["--scan", "--pattern", "tpns-cache:v1:g:*"]);
-    for g in gens.lines() {
-        redis.cli(&["DEL", g]);
-        redis.cli(&["LPUSH", g, "not-a-generation"]);
-    }
+    // Redis refuses SET (an ACL change, say): the generation can be read but not moved.
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "-set"]), "OK");
     write_after(&proxies[0]).await;
+    // The writer, and a sidecar that heard of the failed bump, fail closed: no stale promotion.
     for p in &proxies[..2] {
         let r = p.query(&tokens_body(&["tw"])).await;
         assert!(r.body_text().contains("after"), "{}", r.body_text());
     }
-    // Once the key is usable again, the retried bump goes through and sharing resumes.
-    for g in gens.lines() {
-        redis.cli(&["DEL", g]);
-    }
+    // Once Redis takes writes again, the retried bump goes through and sharing resumes.
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "+set"]), "OK");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let fresh = tokens_body(&[&token_name(5)]);
     let writes = sample(&proxies[1].metrics().await, "tpns_cache_redis_writes_total");
@@ -475,6 +470,24 @@ async fn a_failed_generation_bump_keeps_the_app_off_the_shared_tier() {
         1.0,
     )
     .await;
+}
+
+/// A generation key that holds something else (not a number) is not a generation: nothing of
+/// the app is shared until it is one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_generation_shares_nothing() {
+    let redis = Redis::start();
+    let base = Harness::with(big_sim(), |_| {}).await;
+    let proxies = shared_before(&redis, &base).await;
+    let gens = redis.cli(&["--scan", "--pattern", "tpns-cache:v1:g:*"]);
+    for g in gens.lines() {
+        redis.cli(&["DEL", g]);
+        redis.cli(&["LPUSH", g, "not-a-generation"]);
+    }
+    base.sim.bind(APP.0, "tw", "after", 0);
+    base.sim.unbind(APP.0, "tw", "before", 0);
+    let r = proxies[1].query(&tokens_body(&["tw"])).await;
+    assert!(r.body_text().contains("after"), "{}", r.body_text());
 }
 
 /// Forwards TCP connections to `to` until `close_all`; from then on it closes every
