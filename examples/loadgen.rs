@@ -44,7 +44,7 @@ use tokio::runtime::Runtime;
 use tpns_cache::api::query::{Answer, ElementCode, Ident};
 use tpns_cache::cache::{weigh, CacheKey, Clock, Entry, Policy, Store};
 use tpns_cache::config::Config;
-use tpns_cache::sim::{token_name, Faults, SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
+use tpns_sim::{token_name, Faults, SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "tpns-cache load benchmark")]
@@ -732,31 +732,12 @@ fn fleet(args: &Args, report: &mut serde_json::Map<String, Value>) {
         "\n== fleet: the zipf trace ({} requests) over {SIDECARS} sidecars, each caching {capacity} entries, without and with the shared Redis tier",
         args.requests
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port());
-    let child = port.ok().and_then(|port| {
-        std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()
-            .map(|c| (c, port))
-    });
-    let Some((mut child, port)) = child else {
+    if !tpns_sim::redis::RedisServer::available() {
         println!("skipped: redis-server is not installed (apt-get install redis-server)");
         return;
-    };
-    std::thread::sleep(Duration::from_millis(500));
+    }
+    let redis = tpns_sim::redis::RedisServer::start();
+    let port = redis.port();
     let trace = zipf_trace(args.ids, args.exponent, args.requests, args.seed);
     let bodies: Arc<Vec<Bytes>> = Arc::new(trace.iter().map(|b| tokens_body(b)).collect());
     let weight = entry_weight();
@@ -797,8 +778,7 @@ fn fleet(args: &Args, report: &mut serde_json::Map<String, Value>) {
                          "run": r.json()}),
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(redis);
     if let [a, b] = &rows[..] {
         let (x, y) = (
             a["upstream_identifiers"].as_f64().unwrap_or(0.0),

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-use crate::sim::{SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
 use crate::Listeners;
+use tpns_sim::{SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
 
 /// Generated bindings the demo simulator starts with (besides the seed's examples).
 pub const DEMO_ACCOUNTS: usize = 10_000;

@@ -20,12 +20,15 @@ pub mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod fleet;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
-pub mod sim;
+#[cfg(feature = "demo")]
+pub mod simulate;
 pub mod upstream;
 
 use std::future::Future;
@@ -252,4 +255,27 @@ pub async fn run_with_clock(
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

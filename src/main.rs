@@ -1,14 +1,12 @@
 //! The `tpns-cache` binary: CLI -> config -> tracing -> run -> exit code.
-//! Exit codes: 0 clean shutdown, 1 runtime failure (e.g. a port in use), 2 invalid configuration.
+//! Exit codes: 0 clean shutdown (or a valid configuration for `check-config`), 1 runtime
+//! failure (e.g. a port in use), 2 invalid configuration or arguments.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tpns_cache::config::{Config, LogFormat};
-use tpns_cache::sim::{Faults, SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
+use tpns_cache::config::Config;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,194 +21,126 @@ use tpns_cache::sim::{Faults, SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_
                   (nesting with __, e.g. TPNS_CACHE_UPSTREAM__URL)."
 )]
 struct Cli {
-    /// TOML configuration file (also TPNS_CACHE_CONFIG).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Args, Debug, Default)]
+struct ConfigArg {
+    /// TOML configuration file (also TPNS_CACHE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy (the default when no subcommand is given).
-    Serve,
+    Serve(ConfigArg),
+    /// Check a configuration exactly as `serve` would load it (file, environment variables,
+    /// secrets), without starting anything; exit 0 when valid, 2 with every problem named.
+    CheckConfig {
+        /// The TOML file to check (defaults < FILE < TPNS_CACHE_* environment variables).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// Run the simulator and the proxy in front of it, and print curl commands to try.
     ///
     /// The simulator listens on an ephemeral loopback port; the proxy and admin listeners use
     /// the configuration (`listen`, `admin_listen`). `upstream.url` is ignored.
-    Demo,
+    #[cfg(feature = "demo")]
+    Demo(ConfigArg),
     /// Run the TPNS simulator alone (for tests, benchmarks and local development).
-    Simulate(SimulateArgs),
-}
-
-#[derive(Args, Debug)]
-struct SimulateArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:9000")]
-    listen: SocketAddr,
-    /// An app the simulator accepts, as ACCESS_ID:SECRET_KEY (repeatable; default: the demo app).
-    #[arg(long = "app", value_name = "ACCESS_ID:SECRET_KEY")]
-    apps: Vec<String>,
-    /// Generated accounts (token tok-i is bound to account acct-(i mod accounts)).
-    #[arg(long, default_value_t = 10_000)]
-    accounts: usize,
-    /// Generated tokens.
-    #[arg(long, default_value_t = 20_000)]
-    tokens: usize,
-    /// Do not load the seed document's example bindings.
-    #[arg(long)]
-    no_seed: bool,
-    /// Latency added to every TPNS call, e.g. 20ms.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-    latency: Duration,
-    /// Share of calls answered HTTP 500 (0.0-1.0, every 1/ratio-th call).
-    #[arg(long, default_value_t = 0.0)]
-    fail_ratio: f64,
-    /// Share of calls answered retCode 1008028 (frequency limit exceeded).
-    #[arg(long, default_value_t = 0.0)]
-    rate_limit_ratio: f64,
-    /// Delay before a batchoperate takes effect, as TPNS applies binds asynchronously.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
-    apply_delay: Duration,
+    #[cfg(feature = "demo")]
+    Simulate(tpns_cache::simulate::SimulateArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ConfigArg::default()));
+    // `--config` may come before the subcommand or after it.
+    let config_file = |own: ConfigArg| own.config.or(cli.config.config.clone());
+    match command {
+        Command::CheckConfig { file } => {
+            match Config::load(file.or(cli.config.config.clone()).as_deref()) {
+                Ok(_) => {
+                    println!("tpns-cache: the configuration is valid");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tpns-cache: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        #[cfg(feature = "demo")]
+        Command::Simulate(args) => {
+            if cli.config.config.is_some() {
+                eprintln!("tpns-cache: `simulate` takes no --config (its options are its own)");
+                return ExitCode::from(2);
+            }
+            tpns_cache::logging::init_default();
+            runtime().map_or(ExitCode::from(1), |rt| {
+                rt.block_on(tpns_cache::simulate::run(
+                    args,
+                    tpns_cache::shutdown_signal(),
+                ))
+            })
+        }
+        Command::Serve(own) => start(config_file(own), false),
+        #[cfg(feature = "demo")]
+        Command::Demo(own) => start(config_file(own), true),
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("tpns-cache: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Simulate(args) => {
-            init_tracing("info", LogFormat::Text);
-            runtime.block_on(simulate(args))
-        }
-        command => {
-            let config = match Config::load(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("tpns-cache: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            init_tracing(&config.log.level, config.log.format);
-            let result: Result<(), String> = runtime.block_on(async {
-                match command {
-                    Command::Demo => tpns_cache::demo::run(config, shutdown_signal())
-                        .await
-                        .map_err(|e| e.to_string()),
-                    _ => serve(config).await,
-                }
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tpns-cache: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            None
         }
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
-    let listeners = tpns_cache::Listeners::bind(&config)
-        .await
-        .map_err(|e| e.to_string())?;
-    tpns_cache::run(config, listeners, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
-}
-
-async fn simulate(args: SimulateArgs) -> ExitCode {
-    let mut apps = Vec::new();
-    for a in &args.apps {
-        match a.split_once(':') {
-            Some((id, secret)) if !id.is_empty() && !secret.is_empty() => {
-                apps.push((id.to_owned(), secret.to_owned()));
-            }
-            _ => {
-                eprintln!("tpns-cache: --app must be ACCESS_ID:SECRET_KEY, got {a:?}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    if apps.is_empty() {
-        apps.push((DEMO_ACCESS_ID.to_owned(), DEMO_SECRET_KEY.to_owned()));
-    }
-    for (name, r) in [
-        ("--fail-ratio", args.fail_ratio),
-        ("--rate-limit-ratio", args.rate_limit_ratio),
-    ] {
-        if !(0.0..=1.0).contains(&r) {
-            eprintln!("tpns-cache: {name} must be between 0 and 1, got {r}");
+/// Loads the configuration and runs the proxy (or the demo) until SIGINT/SIGTERM.
+fn start(file: Option<PathBuf>, demo: bool) -> ExitCode {
+    let config = match Config::load(file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tpns-cache: {e}");
             return ExitCode::from(2);
         }
-    }
-    let sim = Simulator::new(SimConfig {
-        apps,
-        faults: Faults {
-            latency_ms: u64::try_from(args.latency.as_millis()).unwrap_or(u64::MAX),
-            fail_ratio: args.fail_ratio,
-            rate_limit_ratio: args.rate_limit_ratio,
-            ..Faults::default()
-        },
-        apply_delay: args.apply_delay,
-        accounts: args.accounts,
-        tokens: args.tokens,
-        seed_examples: !args.no_seed,
-        ..SimConfig::default()
-    });
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("tpns-cache: cannot listen on {}: {e}", args.listen);
-            return ExitCode::from(1);
-        }
     };
-    tracing::info!(listen = %args.listen, "TPNS simulator ready (stats at /_sim/stats)");
-    sim.serve(listener, shutdown_signal()).await;
-    ExitCode::SUCCESS
-}
-
-fn init_tracing(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    tpns_cache::logging::init(&config.log);
+    let Some(runtime) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let result: Result<(), String> = runtime.block_on(async {
+        if demo {
+            #[cfg(feature = "demo")]
+            return tpns_cache::demo::run(config, tpns_cache::shutdown_signal())
+                .await
+                .map_err(|e| e.to_string());
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        let listeners = tpns_cache::Listeners::bind(&config)
+            .await
+            .map_err(|e| e.to_string())?;
+        tpns_cache::run(config, listeners, tpns_cache::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tpns-cache: {e}");
+            ExitCode::from(1)
+        }
     }
 }

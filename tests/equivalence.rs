@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use tpns_cache::sim::SimConfig;
+use tpns_sim::SimConfig;
 
 #[derive(Debug, Clone)]
 enum Batch {

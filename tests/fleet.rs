@@ -7,77 +7,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use tpns_cache::sim::{token_name, Simulator};
-
-/// A `redis-server` child process on a free loopback port.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start_on(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (apt-get install redis-server)");
-        let r = Redis { child, port };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return r;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start on {port}");
-    }
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Redis::start_on(port)
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    /// Runs one command with `redis-cli`; its output, trimmed.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli comes with redis-server");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use tpns_sim::redis::RedisServer as Redis;
+use tpns_sim::{token_name, Simulator};
 
 /// A proxy in front of an existing simulator.
 async fn proxy(
@@ -174,10 +110,10 @@ async fn three_proxies_under_a_burst_stay_under_one_fleet_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_going_away_loses_no_request_and_the_fleet_recovers() {
     let mut redis = Redis::start();
-    let port = redis.port;
+    let port = redis.port();
     let url = redis.url();
     let base = Harness::with(
-        tpns_cache::sim::SimConfig {
+        tpns_sim::SimConfig {
             tokens: 2000,
             ..sim_config()
         },
@@ -217,7 +153,7 @@ async fn redis_going_away_loses_no_request_and_the_fleet_recovers() {
     assert_eq!(sample(&m, "tpns_cache_redis_up"), 0.0);
     assert!(sample(&m, "tpns_cache_fleet_fallbacks_total") >= 10.0);
     // Redis comes back on the same port: the proxy uses it again by itself.
-    let _redis = Redis::start_on(port);
+    let _redis = Redis::start_on(port, &[]);
     let mut recovered = false;
     for _ in 0..100 {
         assert_eq!(p.query(&ask()).await.ret_code(), 0);
@@ -275,8 +211,8 @@ async fn fleet_of_three(redis: &Redis, base: &Harness) -> Vec<Harness> {
     proxies
 }
 
-fn big_sim() -> tpns_cache::sim::SimConfig {
-    tpns_cache::sim::SimConfig {
+fn big_sim() -> tpns_sim::SimConfig {
+    tpns_sim::SimConfig {
         tokens: 2000,
         ..sim_config()
     }
@@ -360,7 +296,7 @@ async fn concurrent_misses_on_three_proxies_fetch_each_identifier_once() {
         .map(Arc::new)
         .collect();
     base.sim.reset_stats();
-    base.sim.set_faults(tpns_cache::sim::Faults {
+    base.sim.set_faults(tpns_sim::Faults {
         latency_ms: 300,
         ..Default::default()
     });

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tpns_cache::sim::{Faults, SimConfig};
+use tpns_sim::{Faults, SimConfig};
 
 /// The simulator applies writes 300 ms after accepting them; the proxy invalidates at once and
 /// again after 600 ms.

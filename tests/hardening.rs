@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
-use tpns_cache::sim::{token_name, Faults};
+use tpns_sim::{token_name, Faults};
 
 /// Regression: a body with many distinct top-level keys cost quadratic time in the duplicate
 /// check before the credential was known to be good (80 000 keys held a worker for 18.6 s), so

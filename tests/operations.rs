@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use http::Method;
 use prometheus_parse::{Scrape, Value};
-use tpns_cache::sim::Faults;
+use tpns_sim::Faults;
 
 async fn scrape(h: &Harness) -> (String, Scrape) {
     let text = h.metrics().await;

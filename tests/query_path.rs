@@ -236,7 +236,7 @@ async fn absent_account_type_and_zero_are_different_keys() {
 #[tokio::test]
 async fn sub_requests_respect_max_batch() {
     let h = Harness::with(sim_config(), |c| c.upstream.max_batch = 2).await;
-    let asked: Vec<String> = (0..5).map(tpns_cache::sim::token_name).collect();
+    let asked: Vec<String> = (0..5).map(tpns_sim::token_name).collect();
     let refs: Vec<&str> = asked.iter().map(String::as_str).collect();
     let r = h.query(&tokens_body(&refs)).await;
     assert_eq!(r.json()["result"], json!(["0", "0", "0", "0", "0"]));
@@ -389,7 +389,7 @@ async fn signature_requests_are_forwarded_unchanged_and_not_cached() {
         ("timestamp", ts.to_owned()),
         (
             "sign",
-            tpns_cache::proxy::auth::sign(APP.1.as_bytes(), ts, APP.0, body.as_bytes()),
+            tpns_wire::sign(APP.1.as_bytes(), ts, APP.0, body.as_bytes()),
         ),
     ];
     for _ in 0..2 {
@@ -540,7 +540,7 @@ async fn a_slow_upstream_answers_504_within_the_timeout() {
         c.upstream.timeout = Duration::from_millis(300);
     })
     .await;
-    h.sim.set_faults(tpns_cache::sim::Faults {
+    h.sim.set_faults(tpns_sim::Faults {
         latency_ms: 30_000,
         ..Default::default()
     });
@@ -565,7 +565,7 @@ async fn whole_call_failures_are_passed_on_and_never_cached() {
     })
     .await;
     let body = tokens_body(&["token1"]);
-    h.sim.set_faults(tpns_cache::sim::Faults {
+    h.sim.set_faults(tpns_sim::Faults {
         rate_limit_ratio: 1.0,
         ..Default::default()
     });
@@ -574,7 +574,7 @@ async fn whole_call_failures_are_passed_on_and_never_cached() {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.ret_code(), 1_008_028);
     }
-    h.sim.set_faults(tpns_cache::sim::Faults {
+    h.sim.set_faults(tpns_sim::Faults {
         fail_ratio: 1.0,
         ..Default::default()
     });
@@ -633,10 +633,10 @@ async fn unknown_request_fields_are_forwarded_and_keyed() {
 async fn the_demo_queries_show_miss_hit_partial() {
     use tpns_cache::demo::{DEMO_FIRST, DEMO_PARTIAL, DEMO_TOKENS_QUERY};
     let h = Harness::with(
-        tpns_cache::sim::SimConfig {
+        tpns_sim::SimConfig {
             accounts: tpns_cache::demo::DEMO_ACCOUNTS,
             tokens: tpns_cache::demo::DEMO_TOKENS,
-            ..tpns_cache::sim::SimConfig::default()
+            ..tpns_sim::SimConfig::default()
         },
         |_| {},
     )
@@ -774,7 +774,7 @@ async fn an_oversized_upstream_answer_is_refused_and_not_cached() {
         c.upstream.max_response_bytes = bytesize::ByteSize::kib(1);
     })
     .await;
-    let asked: Vec<String> = (0..30).map(tpns_cache::sim::token_name).collect();
+    let asked: Vec<String> = (0..30).map(tpns_sim::token_name).collect();
     let body = tokens_body(&asked.iter().map(String::as_str).collect::<Vec<_>>());
     for _ in 0..2 {
         let r = h.query(&body).await;

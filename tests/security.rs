@@ -11,7 +11,7 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
 use tpns_cache::config::{AppKeyConfig, AuthScheme, InjectConfig};
-use tpns_cache::proxy::auth::sign;
+use tpns_wire::sign;
 
 /// A private directory for secret files, removed on drop.
 struct TempDir(PathBuf);

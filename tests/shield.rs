@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use serde_json::json;
-use tpns_cache::sim::{token_name, Faults};
+use tpns_sim::{token_name, Faults};
 
 fn latency(ms: u64) -> Faults {
     Faults {

@@ -13,7 +13,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};
@@ -139,21 +138,6 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// TPNS's signature: `base64(lowercase_hex(HMAC-SHA256(SecretKey, TimeStamp + AccessId + body)))`.
-pub fn sign(secret: &[u8], timestamp: &str, access_id: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    mac.update(timestamp.as_bytes());
-    mac.update(access_id.as_bytes());
-    mac.update(body);
-    let digest = mac.finalize().into_bytes();
-    let mut hex = String::with_capacity(64);
-    for b in digest {
-        hex.push_str(&format!("{b:02x}"));
-    }
-    base64::engine::general_purpose::STANDARD.encode(hex)
-}
-
 /// Credentials the upstream has accepted recently (bounded, with a TTL), and the keys the proxy
 /// holds.
 pub struct Credentials {
@@ -240,8 +224,8 @@ impl Credentials {
         if values.next().is_some() {
             return ClientAuth::Unscoped(Unscoped::Malformed);
         }
-        match basic_user(value.as_bytes()) {
-            Some(user) => ClientAuth::Basic {
+        match tpns_wire::basic::decode(value.as_bytes()) {
+            Some((user, _)) => ClientAuth::Basic {
                 access_id: Arc::from(user),
                 fingerprint: self.fingerprint(value.as_bytes()),
             },
@@ -325,12 +309,11 @@ impl Credentials {
         let inj = self.keys.inject.as_ref()?;
         Some(match inj.scheme {
             AuthScheme::Basic => {
-                let token = base64::engine::general_purpose::STANDARD.encode(format!(
-                    "{}:{}",
-                    inj.access_id,
-                    inj.secret.expose()
-                ));
-                let mut v = HeaderValue::from_str(&format!("Basic {token}")).ok()?;
+                let mut v = HeaderValue::from_str(&tpns_wire::basic::encode(
+                    &inj.access_id,
+                    inj.secret.expose(),
+                ))
+                .ok()?;
                 v.set_sensitive(true);
                 UpstreamAuth::Header(v)
             }
@@ -374,29 +357,8 @@ impl Credentials {
     }
 }
 
-/// The user part of a well-formed `Basic` credential.
-fn basic_user(value: &[u8]) -> Option<String> {
-    let value = std::str::from_utf8(value).ok()?.trim();
-    let (scheme, rest) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest.trim())
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, secret) = text.split_once(':')?;
-    if user.is_empty() || secret.is_empty() || user.chars().any(char::is_control) {
-        return None;
-    }
-    Some(user.to_owned())
-}
-
-/// Whether an upstream `retCode` says the credential itself was refused.
-pub fn is_auth_failure(ret_code: i64) -> bool {
-    use crate::api::code;
-    ret_code == code::AUTH_FAILED || ret_code == code::KEY_MISMATCH
-}
+pub use tpns_wire::code::is_auth_failure;
+pub use tpns_wire::sign;
 
 #[cfg(test)]
 mod tests {
@@ -411,29 +373,6 @@ mod tests {
             std::time::Duration::from_secs(300),
         )
         .unwrap()
-    }
-
-    /// The worked example from the TPNS docs (`../shared/spec/TPNS-API.md`).
-    #[test]
-    fn signature_worked_example() {
-        let body = r#"{"audience_type": "account","platform": "android","message": {"title": "test title","content": "test content","android": { "action": {"action_type": 3,"intent": "xgscheme://com.xg.push/notify_detail?param1=xg"}}},"message_type": "notify","account_list": ["5822f0eee44c3625ef0000bb"] }"#;
-        let s = sign(
-            b"1452fcebae9f3115ba794fb0fff2fd73",
-            "1565314789",
-            "1500001048",
-            body.as_bytes(),
-        );
-        assert_eq!(
-            s,
-            "Y2QyMDc3NDY4MmJmNzhiZmRiNDNlMTdkMWQ1ZDU2YjNlNWI3ODlhMTY3MGZjMTUyN2VmNTRjNjVkMmQ3Yjc2ZA=="
-        );
-        let hex = base64::engine::general_purpose::STANDARD
-            .decode(&s)
-            .unwrap();
-        assert_eq!(
-            String::from_utf8(hex).unwrap(),
-            "cd20774682bf78bfdb43e17d1d5d56b3e5b789a1670fc1527ef54c65d2d7b76d"
-        );
     }
 
     fn signed_creds() -> Credentials {
@@ -508,6 +447,7 @@ mod tests {
 
     fn basic(user_secret: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
+        use base64::Engine as _;
         let v = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(user_secret)

@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 use tpns_cache::cache::Clock;
 use tpns_cache::config::Config;
-use tpns_cache::sim::{SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
 use tpns_cache::Listeners;
+use tpns_sim::{SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
 
 pub const APP: (&str, &str) = (DEMO_ACCESS_ID, DEMO_SECRET_KEY);
 pub const OTHER_APP: (&str, &str) = ("1500009999", "other-app-secret");

@@ -10,31 +10,44 @@
 //! for a registered token or an account with no binding, `"1008006"` for a token never
 //! registered), elements only for identifiers with bindings, and the same top-level code policy
 //! as the proxy's defaults (0, or 1008026/1008027 when some/all elements failed).
+//!
+//! It is a crate of its own, apart from the proxy's library: it parses requests its own way
+//! (sharing only the wire format, `tpns-wire`), so a bug in the proxy's parser is not mirrored
+//! here. [`redis`] starts throwaway `redis-server` processes for the fleet tests and benchmarks.
 
+pub mod redis;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::api::query::{parse_request, top_level_code, ElementCode, Ident, Limits, Op};
-use crate::api::{code, error_body, ErrorShape, BATCHOPERATE_PATH, PUSH_APP_PATH, QUERY_PATH};
-use crate::proxy::json_response;
-use crate::server::{serve, ServeOptions};
-use crate::upstream::ProxyBody;
 use store::AppBindings;
+use tpns_wire::{code, error_body, ErrorShape, BATCHOPERATE_PATH, PUSH_APP_PATH, QUERY_PATH};
+
+/// The simulator's answers: whole bodies.
+pub type Body = Full<Bytes>;
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
 
 /// The demo app's credentials (the AccessID and key of the TPNS docs' worked example).
 pub const DEMO_ACCESS_ID: &str = "1500001048";
@@ -172,53 +185,71 @@ impl Simulator {
         }
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves, then lets requests in flight finish (at most 1 s).
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let inner = self.inner.clone();
-        serve(
-            "simulator",
-            listener,
-            move |req| handle(inner.clone(), req),
-            shutdown,
-            ServeOptions {
-                drain_grace: Duration::from_secs(1),
-                ..ServeOptions::default()
-            },
-        )
-        .await;
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new()).keep_alive(true);
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let inner = self.inner.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let inner = inner.clone();
+                async move { Ok::<_, Infallible>(handle(inner, req).await) }
+            });
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let watched = graceful.watch(connection);
+            tokio::spawn(async move {
+                let _ = watched.await;
+            });
+        }
+        drop(listener);
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 
     pub fn stats(&self) -> Stats {
-        lock(&self.inner.stats).clone()
+        self.inner.stats.lock().clone()
     }
 
     pub fn reset_stats(&self) {
-        *lock(&self.inner.stats) = Stats::default();
+        *self.inner.stats.lock() = Stats::default();
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        *lock(&self.inner.faults) = faults;
+        *self.inner.faults.lock() = faults;
     }
 
     /// Adds a binding directly (as a device SDK would, unseen by any proxy).
     pub fn bind(&self, app: &str, token: &str, account: &str, account_type: i64) {
-        let mut data = self.inner.data.write().unwrap_or_else(|e| e.into_inner());
-        data.entry(app.to_owned())
+        self.inner
+            .data
+            .write()
+            .entry(app.to_owned())
             .or_default()
             .bind(token, account, account_type, SEED_TIMESTAMP);
     }
 
     /// Removes a binding directly.
     pub fn unbind(&self, app: &str, token: &str, account: &str, account_type: i64) {
-        let mut data = self.inner.data.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = data.get_mut(app) {
+        if let Some(b) = self.inner.data.write().get_mut(app) {
             b.unbind(token, account, account_type);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The seed document's examples, as one consistent set of bindings.
@@ -237,24 +268,24 @@ fn load_seed(b: &mut AppBindings) {
     }
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/_sim/stats") => {
-            let stats = lock(&inner.stats).clone();
+            let stats = inner.stats.lock().clone();
             json_response(
                 StatusCode::OK,
                 serde_json::to_vec(&stats).unwrap_or_default(),
             )
         }
         (Method::POST, "/_sim/reset") => {
-            *lock(&inner.stats) = Stats::default();
+            *inner.stats.lock() = Stats::default();
             json_response(StatusCode::OK, "{}")
         }
         (Method::POST, "/_sim/faults") => match read(req).await {
             Some(body) => match serde_json::from_slice::<Faults>(&body) {
                 Ok(f) => {
-                    *lock(&inner.faults) = f;
+                    *inner.faults.lock() = f;
                     json_response(StatusCode::OK, "{}")
                 }
                 Err(e) => json_response(
@@ -276,7 +307,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<ProxyBody
                 .and_then(|n| n.parse::<usize>().ok())
                 .unwrap_or(0)
                 .min(256 << 20);
-            let mut r = Response::new(crate::upstream::full(vec![b'x'; n]));
+            let mut r = Response::new(Full::new(Bytes::from(vec![b'x'; n])));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/octet-stream"),
@@ -302,7 +333,7 @@ async fn read(req: Request<Incoming>) -> Option<Bytes> {
 }
 
 fn count(inner: &Inner, path: &str, identifiers: u64) {
-    let mut s = lock(&inner.stats);
+    let mut s = inner.stats.lock();
     *s.requests.entry(path.to_owned()).or_default() += 1;
     *s.identifiers.entry(path.to_owned()).or_default() += identifiers;
 }
@@ -316,8 +347,8 @@ fn fires(n: u64, ratio: f64) -> bool {
     ((n + 1) as f64 * r).floor() > (n as f64 * r).floor()
 }
 
-async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Response<ProxyBody> {
-    let faults = lock(&inner.faults).clone();
+async fn tpns(inner: Arc<Inner>, req: Request<Incoming>, path: String) -> Response<Body> {
+    let faults = inner.faults.lock().clone();
     let resp = answer(&inner, req, &path, &faults).await;
     // The answer is computed on arrival and delivered late, as over a slow network: a fetch in
     // flight can carry an answer from before a write that lands meanwhile.
@@ -332,7 +363,7 @@ async fn answer(
     req: Request<Incoming>,
     path: &str,
     faults: &Faults,
-) -> Response<ProxyBody> {
+) -> Response<Body> {
     let shape = ErrorShape::for_path(path);
     let reply =
         |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
@@ -349,7 +380,7 @@ async fn answer(
     };
     if path == QUERY_PATH {
         let at = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut s = lock(&inner.stats);
+        let mut s = inner.stats.lock();
         if s.query_arrivals_ms.len() == RECENT_ARRIVALS {
             s.query_arrivals_ms.pop_front();
         }
@@ -363,16 +394,20 @@ async fn answer(
     };
     if let Some((id, ts, sign)) = signed {
         // Signature auth: the same HMAC as TPNS (any TimeStamp is accepted here).
-        let ok = inner.apps.get(&id).is_some_and(|secret| {
-            crate::proxy::auth::sign(secret.as_bytes(), &ts, &id, &body) == sign
-        });
+        let ok = inner
+            .apps
+            .get(&id)
+            .is_some_and(|secret| tpns_wire::sign(secret.as_bytes(), &ts, &id, &body) == sign);
         if !ok {
             count(inner, path, 0);
             return reply(code::AUTH_FAILED);
         }
         return authorized(inner, id, path, &body, faults, n);
     }
-    let app = match auth.as_ref().and_then(|v| basic(v.as_bytes())) {
+    let app = match auth
+        .as_ref()
+        .and_then(|v| tpns_wire::basic::decode(v.as_bytes()))
+    {
         Some((id, secret)) => match inner.apps.get(&id) {
             Some(s) if *s == secret => id,
             Some(_) => {
@@ -399,7 +434,7 @@ fn authorized(
     body: &[u8],
     faults: &Faults,
     n: u64,
-) -> Response<ProxyBody> {
+) -> Response<Body> {
     let shape = ErrorShape::for_path(path);
     let reply =
         |ret: i64| json_response(StatusCode::OK, error_body(shape, ret, code::message(ret)));
@@ -435,109 +470,151 @@ fn authorized(
     }
 }
 
-fn basic(v: &[u8]) -> Option<(String, String)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let rest = s.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(rest.trim())
-        .ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (id, secret) = text.split_once(':')?;
-    Some((id.to_owned(), secret.to_owned()))
+/// One identifier of a query, as the simulator reads it.
+enum Asked {
+    /// An account, with its own `account_type` if it has one.
+    Account(String, Option<i64>),
+    Token(String),
 }
 
-fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<ProxyBody> {
-    let req = match parse_request(
-        body,
-        &Limits {
-            max_items: inner.config.max_items,
-            max_identifier_bytes: crate::config::DEFAULT_MAX_IDENTIFIER_BYTES,
-            max_depth: crate::config::DEFAULT_MAX_JSON_DEPTH,
-            max_fields: crate::config::DEFAULT_MAX_FIELDS,
-            max_scope_bytes: usize::MAX,
-        },
-    ) {
-        Ok(r) => r,
-        Err(e) => {
+/// A query as the simulator reads it: whether it asks accounts (`operator_type` 1), the
+/// top-level `account_type`, and the identifiers. Refusals carry a TPNS code and a message.
+fn parse_query(
+    body: &[u8],
+    max_items: usize,
+) -> Result<(bool, Option<i64>, Vec<Asked>), (i64, String)> {
+    let invalid = |m: &str| (code::INVALID_PARAMETER, m.to_owned());
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        (
+            code::UNPARSEABLE,
+            format!("request body cannot be parsed: {e}"),
+        )
+    })?;
+    let obj = v
+        .as_object()
+        .ok_or((code::UNPARSEABLE, "not a JSON object".to_owned()))?;
+    let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let op = present("operator_type")
+        .ok_or((code::MISSING_PARAMETER, "operator_type missing".to_owned()))?;
+    let accounts = match op.as_i64() {
+        Some(1) => true,
+        Some(2) => false,
+        _ => return Err(invalid("operator_type must be 1 or 2")),
+    };
+    let account_type = |v: &Value| v.as_i64().filter(|t| *t >= 0);
+    let top_type = match obj.get("account_type") {
+        None => None,
+        Some(t) => Some(account_type(t).ok_or(invalid("account_type must be an integer"))?),
+    };
+    let field = if accounts {
+        "account_list"
+    } else {
+        "token_list"
+    };
+    let list = present(field)
+        .ok_or((code::MISSING_PARAMETER, format!("{field} missing")))?
+        .as_array()
+        .ok_or(invalid("the list must be an array"))?;
+    if list.is_empty() || list.len() > max_items {
+        return Err(invalid("the list is empty or too long"));
+    }
+    let mut asked = Vec::with_capacity(list.len());
+    for el in list {
+        asked.push(if accounts {
+            let name = el
+                .get("account")
+                .and_then(Value::as_str)
+                .filter(|a| !a.is_empty())
+                .ok_or(invalid("an account element needs an account"))?;
+            let t = match el.get("account_type") {
+                None => None,
+                Some(t) => Some(account_type(t).ok_or(invalid("account_type must be an integer"))?),
+            };
+            Asked::Account(name.to_owned(), t)
+        } else {
+            let token = el
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .ok_or(invalid("a token must be a non-empty string"))?;
+            Asked::Token(token.to_owned())
+        });
+    }
+    Ok((accounts, top_type, asked))
+}
+
+fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<Body> {
+    let (accounts, top_type, asked) = match parse_query(body, inner.config.max_items) {
+        Ok(q) => q,
+        Err((ret, msg)) => {
             count(inner, QUERY_PATH, 0);
-            return json_response(
-                StatusCode::OK,
-                error_body(ErrorShape::Camel, e.ret_code(), &e.to_string()),
-            );
+            return json_response(StatusCode::OK, error_body(ErrorShape::Camel, ret, &msg));
         }
     };
     {
-        let mut s = lock(&inner.stats);
+        let mut s = inner.stats.lock();
         *s.requests.entry(QUERY_PATH.to_owned()).or_default() += 1;
-        *s.identifiers.entry(QUERY_PATH.to_owned()).or_default() += req.items.len() as u64;
+        *s.identifiers.entry(QUERY_PATH.to_owned()).or_default() += asked.len() as u64;
         if s.recent_queries.len() == RECENT_QUERIES {
             s.recent_queries.pop_front();
         }
         s.recent_queries.push_back(
-            req.items
+            asked
                 .iter()
-                .map(|i| i.ident.name().to_owned())
+                .map(|a| match a {
+                    Asked::Account(name, _) | Asked::Token(name) => name.clone(),
+                })
                 .collect(),
         );
     }
-    let top_type: Option<i64> = req
-        .top_fields
-        .iter()
-        .find(|(k, _)| k == "account_type")
-        .and_then(|(_, v)| serde_json::from_str(v.get()).ok());
-    let data = inner.data.read().unwrap_or_else(|e| e.into_inner());
+    let data = inner.data.read();
     let empty = AppBindings::default();
     let b = data.get(app).unwrap_or(&empty);
-    let mut codes: Vec<ElementCode> = Vec::with_capacity(req.items.len());
+    let mut codes: Vec<&str> = Vec::with_capacity(asked.len());
     let mut elements: Vec<Value> = Vec::new();
-    for item in &req.items {
-        match &item.ident {
-            Ident::Account {
-                account,
-                account_type,
-                ..
-            } => {
+    for a in &asked {
+        match a {
+            Asked::Account(account, account_type) => {
                 let t = account_type.or(top_type).unwrap_or(0);
                 let tokens = b.tokens_of(account, t);
                 if tokens.is_empty() {
-                    codes.push(ElementCode::NotFound);
+                    codes.push(code::ELEMENT_NOT_FOUND);
                 } else {
-                    codes.push(ElementCode::Ok);
-                    elements.push(
-                        json!({"account": &**account, "account_type": t, "token_list": tokens}),
-                    );
+                    codes.push(code::ELEMENT_OK);
+                    elements
+                        .push(json!({"account": account, "account_type": t, "token_list": tokens}));
                 }
             }
-            Ident::Token(token) => {
+            Asked::Token(token) => {
                 let accounts = b.accounts_of(token);
                 if !accounts.is_empty() {
-                    codes.push(ElementCode::Ok);
+                    codes.push(code::ELEMENT_OK);
                     let list: Vec<Value> = accounts
                         .iter()
                         .map(|a| json!({"account": a.account, "account_type": a.account_type, "timestamp": a.timestamp}))
                         .collect();
-                    elements.push(json!({"token": &**token, "account_list": list}));
+                    elements.push(json!({"token": token, "account_list": list}));
                 } else if b.is_registered(token) {
-                    codes.push(ElementCode::NotFound);
+                    codes.push(code::ELEMENT_NOT_FOUND);
                 } else {
-                    codes.push(ElementCode::Other(code::ELEMENT_INVALID_TOKEN.into()));
+                    codes.push(code::ELEMENT_INVALID_TOKEN);
                 }
             }
         }
     }
-    let ret = top_level_code(
-        codes.iter(),
-        inner.config.partial_failure_ret_code,
-        inner.config.all_failed_ret_code,
-    );
-    let result: Vec<&str> = codes.iter().map(ElementCode::as_str).collect();
-    let (at, ta) = match req.op {
-        Op::AccountTokens => (Value::Array(elements), Value::Null),
-        Op::TokenAccounts => (Value::Null, Value::Array(elements)),
+    let failed = codes.iter().filter(|c| **c != code::ELEMENT_OK).count();
+    let ret = match failed {
+        0 => code::OK,
+        n if n == codes.len() => inner.config.all_failed_ret_code,
+        _ => inner.config.partial_failure_ret_code,
+    };
+    let (at, ta) = if accounts {
+        (Value::Array(elements), Value::Null)
+    } else {
+        (Value::Null, Value::Array(elements))
     };
     json_response(
         StatusCode::OK,
-        json!({"retCode": ret, "errMsg": code::message(ret), "result": result,
+        json!({"retCode": ret, "errMsg": code::message(ret), "result": codes,
                "account_tokens": at, "token_accounts": ta})
         .to_string(),
     )
@@ -552,7 +629,7 @@ enum Change {
     ClearAccount(String, i64),
 }
 
-fn batchoperate(inner: &Arc<Inner>, app: &str, body: &[u8]) -> Response<ProxyBody> {
+fn batchoperate(inner: &Arc<Inner>, app: &str, body: &[u8]) -> Response<Body> {
     let bad = |ret: i64, msg: &str| {
         count(inner, BATCHOPERATE_PATH, 0);
         json_response(StatusCode::OK, error_body(ErrorShape::Snake, ret, msg))
@@ -626,7 +703,7 @@ fn batchoperate(inner: &Arc<Inner>, app: &str, body: &[u8]) -> Response<ProxyBod
         let inner = inner.clone();
         let app = app.to_owned();
         move || {
-            let mut data = inner.data.write().unwrap_or_else(|e| e.into_inner());
+            let mut data = inner.data.write();
             let b = data.entry(app).or_default();
             for c in changes {
                 match c {
