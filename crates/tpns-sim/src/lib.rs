@@ -477,12 +477,17 @@ enum Asked {
     Token(String),
 }
 
-/// A query as the simulator reads it: whether it asks accounts (`operator_type` 1), the
-/// top-level `account_type`, and the identifiers. Refusals carry a TPNS code and a message.
-fn parse_query(
-    body: &[u8],
-    max_items: usize,
-) -> Result<(bool, Option<i64>, Vec<Asked>), (i64, String)> {
+/// A query as the simulator reads it.
+struct Query {
+    /// `operator_type` 1 (accounts asked) rather than 2 (tokens asked).
+    accounts: bool,
+    /// The top-level `account_type`.
+    top_type: Option<i64>,
+    asked: Vec<Asked>,
+}
+
+/// Parses a query; refusals carry a TPNS code and a message.
+fn parse_query(body: &[u8], max_items: usize) -> Result<Query, (i64, String)> {
     let invalid = |m: &str| (code::INVALID_PARAMETER, m.to_owned());
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         (
@@ -539,11 +544,19 @@ fn parse_query(
             Asked::Token(token.to_owned())
         });
     }
-    Ok((accounts, top_type, asked))
+    Ok(Query {
+        accounts,
+        top_type,
+        asked,
+    })
 }
 
 fn query(inner: &Inner, app: &str, body: &[u8]) -> Response<Body> {
-    let (accounts, top_type, asked) = match parse_query(body, inner.config.max_items) {
+    let Query {
+        accounts,
+        top_type,
+        asked,
+    } = match parse_query(body, inner.config.max_items) {
         Ok(q) => q,
         Err((ret, msg)) => {
             count(inner, QUERY_PATH, 0);
