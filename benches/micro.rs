@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::value::RawValue;
-use tpns_cache::api::query::{
-    parse_query, parse_request, stitch, top_level_code, Answer, ElementCode, Limits,
-};
+use tpns_cache::api::answer::{stitch, top_level_code, Answer, ElementCode};
+use tpns_cache::api::request::{parse_query, parse_request, Limits};
 use tpns_cache::cache::{CacheKey, Clock, Lookup, Policy, Store};
 
 const LIMITS: Limits = Limits {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use tpns_cache::api::query::{parse_request, stitch, top_level_code, Answer, ElementCode, Limits};
+use tpns_cache::api::answer::{stitch, top_level_code, Answer, ElementCode};
+use tpns_cache::api::request::{parse_request, Limits};
 use tpns_cache::cache::{CacheKey, Clock, Lookup, Policy, Store};
 
 #[tokio::main(flavor = "current_thread")]

@@ -41,7 +41,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
-use tpns_cache::api::query::{Answer, ElementCode, Ident};
+use tpns_cache::api::answer::{Answer, ElementCode};
+use tpns_cache::api::request::Ident;
 use tpns_cache::cache::{weigh, CacheKey, Clock, Entry, Policy, Store};
 use tpns_cache::config::Config;
 use tpns_sim::{token_name, Faults, SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
@@ -214,7 +215,7 @@ fn start_baseline(body: Bytes) -> Baseline {
                 let body = body.clone();
                 async move {
                     let _ = req.into_body().collect().await;
-                    let mut r = Response::new(tpns_cache::upstream::full(body));
+                    let mut r = Response::new(tpns_cache::http::full(body));
                     r.headers_mut().insert(
                         http::header::CONTENT_TYPE,
                         http::HeaderValue::from_static("application/json"),

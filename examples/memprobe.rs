@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use tpns_cache::api::query::{Answer, ElementCode, Ident};
+use tpns_cache::api::answer::{Answer, ElementCode};
+use tpns_cache::api::request::Ident;
 use tpns_cache::cache::{weigh, CacheKey, Clock, Policy, Store};
 
 fn rss_bytes() -> u64 {

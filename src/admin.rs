@@ -10,24 +10,27 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::AUTHORIZATION;
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use prometheus::Registry;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::query::Ident;
-use crate::cache::CacheKey;
-use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use prometheus::Registry;
-
-use crate::proxy::State;
-use crate::upstream::{full, ProxyBody};
+use crate::api::request::Ident;
+use crate::cache::Names;
+use crate::config::Secret;
+use crate::http::{json_response, text_response, with_type, ProxyBody};
+use crate::metrics::labels::InvalidationSource;
+use crate::proxy::Proxy;
 
 #[derive(Debug)]
 pub struct Admin {
     pub registry: Registry,
-    pub state: Arc<State>,
+    pub proxy: Arc<Proxy>,
+    /// Bearer token for admin write endpoints.
+    pub token: Option<Secret>,
     pub ready: AtomicBool,
     /// Whether the admin listener is bound to a loopback address.
     pub loopback: bool,
@@ -47,12 +50,11 @@ struct PurgeRequest {
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<ProxyBody> {
-    crate::proxy::json_response(status, v.to_string())
+    json_response(status, v.to_string())
 }
 
 async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
-    let state = &admin.state;
-    match &state.admin_token {
+    match &admin.token {
         Some(token) => {
             let given = req
                 .headers()
@@ -100,35 +102,18 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
         );
     }
     let app: Arc<str> = Arc::from(p.access_id.as_str());
-    let write = state.store.begin_write(&app);
-    if let Some(fleet) = &state.fleet {
-        fleet
-            .invalidate(
-                &app,
-                p.tokens.as_deref().unwrap_or_default(),
-                p.accounts.as_deref().unwrap_or_default(),
-                p.tokens.is_none() && p.accounts.is_none(),
-            )
-            .await;
-    }
-    let dropped: Vec<CacheKey> = match (&p.tokens, &p.accounts) {
-        (None, None) => state.store.purge_app(&p.access_id).await,
-        (tokens, accounts) => {
-            let keys = state.store.named(
-                &app,
-                tokens.as_deref().unwrap_or_default(),
-                accounts.as_deref().unwrap_or_default(),
-            );
-            state.store.invalidate(&keys).await;
-            keys
-        }
+    let names = match (&p.tokens, &p.accounts) {
+        (None, None) => Names::All,
+        (tokens, accounts) => Names::Exactly {
+            tokens: tokens.as_deref().unwrap_or_default(),
+            accounts: accounts.as_deref().unwrap_or_default(),
+        },
     };
-    drop(write);
-    state
-        .metrics
-        .invalidated
-        .with_label_values(&["admin"])
-        .inc_by(dropped.len() as u64);
+    let (dropped, _) = admin
+        .proxy
+        .cache
+        .invalidate(&app, names, InvalidationSource::Admin)
+        .await;
     let mut tokens: Vec<&str> = Vec::new();
     let mut accounts: Vec<&str> = Vec::new();
     for k in &dropped {
@@ -153,15 +138,7 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
 }
 
 pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let text = |status: StatusCode, body: &'static str| {
-        let mut r = Response::new(full(body));
-        *r.status_mut() = status;
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
+    let text = |status: StatusCode, body: &'static str| text_response(status, body);
     if req.uri().path() == "/purge" {
         if req.method() != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
@@ -173,23 +150,24 @@ pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<Proxy
     }
     match req.uri().path() {
         "/metrics" => {
-            let store = &admin.state.store;
-            store.sync().await;
-            let m = &admin.state.metrics;
-            m.cache_entries
-                .set(i64::try_from(store.entry_count()).unwrap_or(i64::MAX));
-            m.cache_bytes
-                .set(i64::try_from(store.weighted_bytes()).unwrap_or(i64::MAX));
-            let fetcher = &admin.state.fetcher;
-            m.inflight_fetches
-                .set(i64::try_from(fetcher.inflight_count()).unwrap_or(i64::MAX));
-            m.breaker_state.set(fetcher.breaker.state().as_gauge());
-            let mut r = Response::new(full(crate::metrics::encode(&admin.registry)));
-            r.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
+            let proxy = &admin.proxy;
+            proxy.cache.refresh_gauges().await;
+            let fetcher = &proxy.fetcher;
+            let caller = fetcher.caller();
+            caller
+                .metrics
+                .inflight
+                .set(i64::try_from(fetcher.inflight()).unwrap_or(i64::MAX));
+            caller
+                .shield
+                .metrics()
+                .breaker_state
+                .set(caller.shield.breaker_state().as_gauge());
+            with_type(
+                StatusCode::OK,
+                crate::metrics::encode(&admin.registry),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),

@@ -1,20 +1,32 @@
 //! tpns-cache: a caching reverse-proxy sidecar for TPNS's account/token binding query.
 //!
 //! ```text
-//! client POST /v3/device/account/query {operator_type, account_list | token_list}
-//!   -> proxy::query   scope (Basic AccessID, accepted credential?), read + validate (api::query)
-//!   -> cache          one key per distinct identifier; moka lookup (hit | negative hit | miss)
-//!   -> upstream       misses only, in sub-requests of <= upstream.max_batch
-//!   -> api::query     check the upstream answer, match elements by value, cache per policy
-//!   -> api::query     stitch the documented response in request order; Cache-Status header
-//! every other path -> proxy::passthrough (streamed unchanged)
-//! admin listener   -> admin (/metrics, /healthz, /readyz)
+//! client -> server (accept loop) -> proxy::handle
+//!   POST /v3/device/account/query -> proxy::query, in phases:
+//!     scope (proxy::auth, trust) -> read (http) -> validate (api::request) -> plan
+//!     -> look up (cache: local moka tier, fleet's shared tier)
+//!     -> fetch misses (fetch: flights, batches, one call through the shield)
+//!     -> stitch (api::answer) + Cache-Status (proxy::status) + memo
+//!   POST .../batchoperate -> proxy::batchoperate (forwarded; cache::Cache::invalidate)
+//!   anything else        -> proxy::passthrough (streamed unchanged)
+//! admin listener -> admin (/metrics, /healthz, /readyz, /purge)
 //! ```
 //!
-//! Modules: [`config`] (figment layers), [`api`] (wire types, codes, the one error mapping),
-//! [`cache`] (keys, entries, policy, moka), [`upstream`] (hyper + rustls client),
-//! [`proxy`] (routing, credentials, the query phases, pass-through), [`metrics`], [`admin`],
-//! [`server`] (accept loop), [`sim`] (the TPNS simulator) and [`demo`].
+//! The map, by layer (each module opens with what it owns; ARCHITECTURE.md draws it):
+//!
+//! - wiring: [`run`] builds the components below from [`config`] and serves them;
+//! - the request: [`proxy`] (routing, credentials, the query phases, pass-through, writes),
+//!   [`admin`], [`server`] (accept loop, TLS, limits), [`http`] (leaf helpers);
+//! - the answer: [`cache`] (keys, entries, both tiers, invalidation), [`fetch`] (coalescing,
+//!   micro-batching, the upstream call), [`shield`] (admission: cool-downs, breaker, quotas,
+//!   retry budget), [`upstream`] (the HTTPS client), [`trust`] (what the upstream said of a
+//!   credential), [`fleet`] (Redis: connection, fleet quota, leases, invalidation bus);
+//! - the wire format: [`api`] (request parsing, answers and stitching, the proxy's errors),
+//!   over the `tpns-wire` crate shared with the simulator (`tpns-sim`, used by [`demo`]);
+//! - around: [`metrics`] (typed families; each component registers its own), [`logging`].
+//!
+//! The library's public surface is the proxy ([`run`], [`Listeners`], [`config`]), and, for
+//! the benchmarks and fuzz targets, the wire format ([`api`]) and the cache tier ([`cache`]).
 
 pub mod admin;
 pub mod api;
@@ -22,23 +34,28 @@ pub mod cache;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod fetch;
 pub mod fleet;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod shield;
 #[cfg(feature = "demo")]
 pub mod simulate;
+pub mod trust;
 pub mod upstream;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::Registry;
 use tokio::net::TcpListener;
 
-use crate::cache::{Clock, Policy, Store};
+use crate::cache::{Cache, CacheMetrics, Clock, Policy, Store};
 use crate::config::Config;
 use crate::server::{serve, ServeOptions};
 
@@ -52,22 +69,28 @@ pub struct Listeners {
 impl Listeners {
     /// Binds `listen` and `admin_listen` from the configuration.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let proxy = TcpListener::bind(config.listen).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot listen on {} (listen): {e}", config.listen),
+        let bind = |addr, key: &'static str, env: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    format!(" (set another address with `{key}` in the config file or {env})")
+                } else {
+                    String::new()
+                };
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr} ({key}): {e}{hint}"),
+                )
+            })
+        };
+        Ok(Listeners {
+            proxy: bind(config.listen, "listen", "TPNS_CACHE_LISTEN").await?,
+            admin: bind(
+                config.admin_listen,
+                "admin_listen",
+                "TPNS_CACHE_ADMIN_LISTEN",
             )
-        })?;
-        let admin = TcpListener::bind(config.admin_listen).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot listen on {} (admin_listen): {e}",
-                    config.admin_listen
-                ),
-            )
-        })?;
-        Ok(Listeners { proxy, admin })
+            .await?,
+        })
     }
 }
 
@@ -93,12 +116,18 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Builds the shared state for `config`.
-pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, RunError> {
+/// The running proxy's components, and the registry their metrics are on.
+struct Built {
+    proxy: Arc<proxy::Proxy>,
+    registry: Registry,
+}
+
+/// Builds every component for `config`, each with the handles it uses.
+fn build(config: Config, clock: Clock) -> Result<Built, RunError> {
     install_crypto_provider();
-    let upstream = upstream::Upstream::new(&config.upstream).map_err(RunError::Upstream)?;
     let registry = Registry::new();
-    let metrics = metrics::Metrics::register(&registry)?;
+    metrics::register_build_info(&registry)?;
+    let cache_metrics = CacheMetrics::register(&registry)?;
     let store = Store::with_eviction_counter(
         config.cache.max_bytes.as_u64(),
         Policy {
@@ -109,59 +138,117 @@ pub fn build_state(config: Config, clock: Clock) -> Result<Arc<proxy::State>, Ru
             ttl_jitter: config.cache.ttl_jitter,
         },
         clock,
-        Some(metrics.evictions.clone()),
+        Some(cache_metrics.evictions.clone()),
     );
-    let admin_token = config.admin_token().map_err(RunError::Secret)?;
-    let fleet = if config.redis.url.is_empty() {
+    let mut cache = Cache::new(store, cache_metrics);
+    // Fleet mode: one Redis connection shared by the quota, the leases, the shared tier and
+    // the invalidation bus.
+    let link = if config.redis.url.is_empty() {
         None
     } else {
-        fleet::Fleet::start(
-            &config.redis.url,
-            config.redis.timeout,
-            &config.redis.key_prefix,
-            &config.upstream.url,
-            config.shield.calls_per_second,
-            config.shield.burst,
-            metrics.clone(),
+        let metrics = fleet::FleetMetrics::register(&registry)?;
+        Some(
+            fleet::Link::start(
+                &config.redis.url,
+                config.redis.timeout,
+                &config.redis.key_prefix,
+                &config.upstream.url,
+                metrics,
+            )
+            .map_err(RunError::Fleet)?,
         )
-        .map_err(RunError::Fleet)?
-        .map(Arc::new)
     };
-    if let Some(f) = &fleet {
-        f.subscribe(store.clone());
-        f.retry_pending();
+    if let Some(link) = &link {
+        cache = cache.with_fleet(
+            cache::shared::SharedTier::new(link.clone()),
+            fleet::bus::Bus::new(link.clone()),
+        );
     }
-    let fetcher = proxy::fetch::Fetcher::new(&config, fleet.clone());
-    let credentials = proxy::auth::Credentials::with_refusals(
+    let cache = Arc::new(cache);
+    cache.start_fleet();
+    let trust = Arc::new(trust::Trust::new(
         config.auth.accepted_ttl,
         config.auth.accepted_max,
         config.auth.refused_ttl,
         config.auth.refused_max,
+    ));
+    let upstream = upstream::Upstream::new(&config.upstream).map_err(RunError::Upstream)?;
+    let upstream_metrics = upstream::UpstreamMetrics::register(&registry)?;
+    let quota = link.as_ref().and_then(|l| {
+        fleet::quota::FleetQuota::new(
+            l.clone(),
+            config.shield.calls_per_second,
+            config.shield.burst,
+        )
+    });
+    let shield = shield::Shield::new(&config, quota, shield::ShieldMetrics::register(&registry)?);
+    let q = &config.query;
+    let caller = fetch::call::Caller {
+        upstream: upstream.clone(),
+        upstream_metrics: upstream_metrics.clone(),
+        shield,
+        cache: cache.clone(),
+        trust: trust.clone(),
+        leases: link.map(|l| Arc::new(fleet::leases::Leases::new(l))),
+        metrics: fetch::FetchMetrics::register(&registry)?,
+        batch_codes: [
+            api::code::OK,
+            api::code::BATCH_PARTLY_FAILED,
+            api::code::BATCH_ALL_FAILED,
+            q.partial_failure_ret_code,
+            q.all_failed_ret_code,
+        ],
+        lease_for: config.upstream.timeout.min(Duration::from_secs(3)),
+    };
+    let fetcher = fetch::Fetcher::new(
+        caller,
+        config.shield.batch_window,
+        config.upstream.max_batch,
+        config.upstream.timeout,
+    );
+    let credentials = proxy::auth::Credentials::new(
         config.keys().map_err(|e| RunError::Secret(e.join("; ")))?,
         config.auth.signature_max_skew,
     )
     .map_err(|e| RunError::Random(e.to_string()))?;
-    Ok(Arc::new(proxy::State {
+    let proxy = proxy::Proxy {
         upstream_id: Arc::from(config.upstream.url.as_str()),
-        upstream,
-        store,
         credentials,
-        metrics,
-        registry,
+        trust,
+        cache,
         fetcher,
-        fleet,
-        memo: cache::memo::Memo::new(
+        memo: proxy::query::memo::Memo::new(
             config.cache.memo_max_bytes.as_u64(),
             config.cache.ttl.max(config.cache.negative_ttl),
         ),
-        admin_token,
-        body_budget: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.limits.max_buffered_bytes.as_u64())
-                .unwrap_or(usize::MAX)
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        )),
+        upstream,
+        upstream_metrics,
+        body_budget: http::BodyBudget::new(config.limits.max_buffered_bytes.as_u64()),
+        metrics: proxy::ProxyMetrics::register(&registry)?,
+        query_metrics: proxy::QueryMetrics::register(&registry)?,
         config,
-    }))
+    };
+    Ok(Built {
+        proxy: Arc::new(proxy),
+        registry,
+    })
+}
+
+/// The name of every metric family the proxy can export (fleet mode's included), for
+/// documentation checks.
+pub fn metric_names() -> Result<Vec<String>, prometheus::Error> {
+    let r = Registry::new();
+    metrics::register_build_info(&r)?;
+    CacheMetrics::register(&r)?;
+    fleet::FleetMetrics::register(&r)?;
+    upstream::UpstreamMetrics::register(&r)?;
+    shield::ShieldMetrics::register(&r)?;
+    fetch::FetchMetrics::register(&r)?;
+    proxy::ProxyMetrics::register(&r)?;
+    proxy::QueryMetrics::register(&r)?;
+    let mut names: Vec<String> = r.gather().iter().map(|f| f.name().to_owned()).collect();
+    names.sort();
+    Ok(names)
 }
 
 /// Runs the proxy and admin listeners until `shutdown` resolves, then drains.
@@ -201,10 +288,13 @@ pub async fn run_with_clock(
         tls: tls(&config.admin.tls)?,
         ..opts.clone()
     };
-    let state = build_state(config, clock)?;
+    let token = config.admin_token().map_err(RunError::Secret)?;
+    let upstream_url = config.upstream.url.clone();
+    let Built { proxy, registry } = build(config, clock)?;
     let admin = Arc::new(admin::Admin {
-        registry: state.registry.clone(),
-        state: state.clone(),
+        registry,
+        proxy: proxy.clone(),
+        token,
         ready: AtomicBool::new(false),
         loopback: listeners
             .admin
@@ -228,13 +318,8 @@ pub async fn run_with_clock(
         .proxy
         .local_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-    tracing::info!(
-        listen = %proxy_addr,
-        upstream = %state.config.upstream.url,
-        "tpns-cache ready"
-    );
+    tracing::info!(listen = %proxy_addr, upstream = %upstream_url, "tpns-cache ready");
     admin.ready.store(true, Ordering::Release);
-    let proxy_state = state.clone();
     let shutdown = {
         let admin = admin.clone();
         async move {
@@ -246,7 +331,7 @@ pub async fn run_with_clock(
     serve(
         "proxy",
         listeners.proxy,
-        move |req| proxy::handle(proxy_state.clone(), req),
+        move |req| proxy::handle(proxy.clone(), req),
         shutdown,
         opts,
     )

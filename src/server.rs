@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::upstream::ProxyBody;
+use crate::http::ProxyBody;
 
 /// Connection-level settings.
 #[derive(Clone)]

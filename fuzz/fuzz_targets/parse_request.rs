@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tpns_cache::api::query::{build_upstream_body, parse_request, Limits};
+use tpns_cache::api::answer::{build_upstream_body};
+use tpns_cache::api::request::{parse_request, Limits};
 
 const LIMITS: Limits = Limits {
     max_items: 1000,

@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tpns_cache::api::query::{parse_upstream_answer, stitch, Ident, Op, UpstreamAnswer};
+use tpns_cache::api::answer::{parse_upstream_answer, stitch, UpstreamAnswer};
+use tpns_cache::api::request::{Ident, Op};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {

@@ -2,10 +2,13 @@
 //! `/v3/device/account/query` request and response (see `docs/tpns-api.md`). The parts the
 //! simulator shares (codes, error bodies, paths, signatures) live in the `tpns-wire` crate.
 //!
-//! `error` holds the one mapping from proxy errors to HTTP status and `retCode`.
+//! [`request`] parses what the client sends, [`answer`] checks what the upstream answers and
+//! stitches the response; [`error`] holds the one mapping from the proxy's own errors to HTTP
+//! status and `retCode`.
 
+pub mod answer;
 pub mod error;
-pub mod query;
 pub mod rawobj;
+pub mod request;
 
 pub use tpns_wire::{code, error_body, ErrorShape, BATCHOPERATE_PATH, PUSH_APP_PATH, QUERY_PATH};

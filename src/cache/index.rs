@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use super::{CacheKey, Entry};
-use crate::api::query::Ident;
+use crate::api::request::Ident;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {

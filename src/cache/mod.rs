@@ -1,864 +1,367 @@
-//! The per-identifier answer cache: key derivation, entries, the cacheability policy, and the
-//! moka facade with its byte budget.
+//! The cache: one front door ([`Cache`]) over both tiers.
 //!
-//! Cache-safety invariant (enforced by [`CacheKey`]'s fields, which are all compared): a key
-//! always carries the upstream, the AccessID, every top-level request field other than the list
-//! (canonicalized, so `account_type` absent ≠ `0`), and the identifier with every element-level
-//! field (the element's own `account_type`, any unknown element fields). `operator_type` is
-//! carried by the identifier's variant. Nothing cached for one app can be found under another's.
+//! - [`local`]: moka in this process (the cache of record for this sidecar: byte budget,
+//!   lifetimes, eviction), with the reverse index ([`index`]) that finds what a write can make
+//!   wrong, and per-app write epochs;
+//! - [`shared`]: in fleet mode, the fleet's tier in Redis, kept consistent with the local one
+//!   through generations and the invalidation bus ([`crate::fleet::bus`]);
+//!
+//! The key ([`key`]) and what an entry holds ([`entry`]) are shared by both tiers. Callers see
+//! three things: look up many keys, store what was fetched, invalidate (an app's names, or all
+//! of it) from one source. The sequence of an invalidation is written once, here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+pub mod entry;
+pub mod index;
+pub mod key;
+pub mod local;
+pub mod metrics;
+pub mod shared;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::future::Cache;
-use moka::Expiry;
-use tokio::time::Instant;
+pub use entry::{Clock, Entry, Lookup, Policy};
+pub use key::CacheKey;
+pub use local::{weigh, Store};
+pub use metrics::CacheMetrics;
 
-use crate::api::query::{Answer, ElementCode, Ident};
+use crate::api::answer::Answer;
+use crate::fleet::bus::{Bus, Invalidation};
+use crate::metrics::labels::InvalidationSource;
+use shared::SharedTier;
 
-pub mod index;
-pub mod memo;
-use index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
-
-/// Everything that can change an identifier's answer. A cheap handle: the cache, the reverse
-/// index and in-flight fetches share one allocation per key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey(Arc<KeyData>);
-
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct KeyData {
-    /// The upstream base URL (access points are isolated from each other).
-    pub upstream: Arc<str>,
-    /// The app (Basic user / AccessId).
-    pub access_id: Arc<str>,
-    /// Canonical top-level fields other than `operator_type` and the list (see
-    /// [`crate::api::query::QueryRequest::top_scope`]); shared by a whole request.
-    pub top_scope: Option<Arc<str>>,
-    pub ident: Ident,
-}
-
-impl CacheKey {
-    pub fn new(
-        upstream: Arc<str>,
-        access_id: Arc<str>,
-        top_scope: Option<Arc<str>>,
-        ident: Ident,
-    ) -> CacheKey {
-        CacheKey(Arc::new(KeyData {
-            upstream,
-            access_id,
-            top_scope,
-            ident,
-        }))
-    }
-}
-
-impl std::ops::Deref for CacheKey {
-    type Target = KeyData;
-    fn deref(&self) -> &KeyData {
-        &self.0
-    }
-}
-
-/// One cached answer.
-#[derive(Debug)]
-pub struct Entry {
-    pub answer: Answer,
-    /// End of the fresh period, on [`Clock`] time.
-    pub fresh_until: Instant,
-    /// End of the stale-while-revalidate period.
-    pub revalidate_until: Instant,
-    /// End of the stale-if-error period.
-    pub stale_until: Instant,
-    /// How long moka keeps it (on moka's own clock), so memory is reclaimed.
-    keep: Duration,
-}
-
-impl Entry {
-    pub fn is_negative(&self) -> bool {
-        matches!(self.answer.code, ElementCode::NotFound)
-    }
-}
-
-/// A write to an app in progress (see [`Store::begin_write`]).
-#[derive(Debug)]
-pub struct WriteGuard<'a> {
-    index: &'a Index,
-    app: Arc<str>,
-}
-
-impl Drop for WriteGuard<'_> {
-    fn drop(&mut self) {
-        self.index.bump_epoch(&self.app);
-    }
-}
-
-/// What a lookup found.
-#[derive(Debug)]
-pub enum Lookup {
-    /// Within its lifetime.
-    Fresh(Arc<Entry>),
-    /// Past its lifetime but within stale-while-revalidate: serve it and refresh in background.
-    Revalidate(Arc<Entry>),
-    /// Past stale-while-revalidate but within stale-if-error: fetch, and serve this only if the
-    /// upstream cannot answer.
-    StaleIfError(Arc<Entry>),
-    Miss,
-}
-
-/// The time the cache logic runs on: tokio's clock (so `tokio::time::pause` applies) plus a
-/// manual offset that tests can advance without pausing the runtime their servers run on.
-#[derive(Debug, Clone, Default)]
-pub struct Clock {
-    offset_nanos: Arc<AtomicU64>,
-}
-
-impl Clock {
-    pub fn now(&self) -> Instant {
-        Instant::now() + Duration::from_nanos(self.offset_nanos.load(Ordering::Relaxed))
-    }
-    /// Moves this clock forward (tests).
-    pub fn advance(&self, by: Duration) {
-        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.offset_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-}
-
-/// Which answers may be cached, and for how long.
+/// What an invalidation names.
 #[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    pub ttl: Duration,
-    pub negative_ttl: Duration,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
-    /// Lifetimes are shortened by a random share of up to this fraction.
-    pub ttl_jitter: f64,
+pub enum Names<'a> {
+    /// A write to these tokens and accounts: their own entries, the entries their elements
+    /// list, and the entries that list them (both directions).
+    Written {
+        tokens: &'a [String],
+        accounts: &'a [String],
+    },
+    /// Exactly the entries of these names (an operator's purge).
+    Exactly {
+        tokens: &'a [String],
+        accounts: &'a [String],
+    },
+    /// Every entry of the app.
+    All,
 }
 
-impl Policy {
-    /// A policy with the given lifetimes and no stale periods or jitter (tests).
-    pub fn fresh_only(ttl: Duration, negative_ttl: Duration) -> Policy {
-        Policy {
-            ttl,
-            negative_ttl,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            ttl_jitter: 0.0,
-        }
-    }
-
-    /// `lifetime` shortened by up to `ttl_jitter` of itself (never lengthened, so the configured
-    /// TTL stays the upper bound on staleness).
-    fn jittered(&self, lifetime: Duration) -> Duration {
-        if self.ttl_jitter <= 0.0 {
-            return lifetime;
-        }
-        lifetime.mul_f64(1.0 - self.ttl_jitter * fastrand::f64())
-    }
-
-    /// `"0"` with an element → `ttl`; `"10110008"` → `negative_ttl` (0 = not cached);
-    /// anything else (including `"0"` without an element, which the docs do not describe) → never.
-    pub fn lifetime(&self, answer: &Answer) -> Option<Duration> {
-        match (&answer.code, &answer.element) {
-            (ElementCode::Ok, Some(_)) => Some(self.ttl),
-            (ElementCode::Ok, None) => None,
-            (ElementCode::NotFound, _) if !self.negative_ttl.is_zero() => Some(self.negative_ttl),
-            (ElementCode::NotFound, _) => None,
-            (ElementCode::Other(_), _) => None,
-        }
-    }
+/// What a lookup found for one key, over both tiers.
+#[derive(Debug)]
+pub enum Found {
+    /// Fresh in this sidecar's cache.
+    Fresh(Arc<Entry>),
+    /// Fresh in the fleet's shared tier (now in this sidecar's too, unless a write passed).
+    Shared(Arc<Entry>),
+    /// Past its lifetime, within stale-while-revalidate: serve it and refresh in background.
+    Revalidate(Arc<Entry>),
+    /// Not usable: fetch it. A stale entry within stale-if-error may stand in if the upstream
+    /// cannot answer.
+    Miss { stale: Option<Arc<Entry>> },
 }
 
-/// Fixed bytes per entry beyond the key's and element's heap data: the key and entry structs
-/// and their `Arc`s, moka's own bookkeeping (deque nodes, hash table slot, frequency sketch),
-/// the reverse index, and the allocator's rounding. Calibrated with `examples/memprobe.rs` so
-/// that `cache.max_bytes` tracks the process's real memory growth.
-const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
-    + std::mem::size_of::<Entry>()
-    + 2 * 16
-    + MOKA_BYTES_PER_ENTRY
-    + INDEX_BYTES_PER_ENTRY;
-/// Measured moka overhead per entry (see `examples/memprobe.rs`).
-const MOKA_BYTES_PER_ENTRY: usize = 400;
-
-/// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
-/// AccessID and the top-level scope are shared by the keys of one request, but each entry is
-/// charged them in full: an entry can outlive its siblings and then pins them alone, and a
-/// client must not be able to pin a large scope (a 900 KB unknown field) for the price of an
-/// identifier. Real requests carry at most a short `account_type` there.
-pub fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
-    let bytes = ENTRY_OVERHEAD_BYTES
-        + key.ident.heap_bytes()
-        + key.access_id.len()
-        + key.top_scope.as_ref().map_or(0, |s| s.len())
-        + entry.answer.element.as_ref().map_or(0, |e| e.get().len());
-    u32::try_from(bytes).unwrap_or(u32::MAX)
+#[derive(Debug)]
+pub struct Cache {
+    local: Store,
+    fleet: Option<FleetTier>,
+    metrics: CacheMetrics,
 }
 
-struct EntryExpiry;
-
-impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<Entry>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.keep)
-    }
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<Entry>,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.keep)
-    }
+/// Fleet mode: the shared tier and the bus its invalidations travel on.
+#[derive(Debug)]
+struct FleetTier {
+    shared: SharedTier,
+    bus: Bus,
 }
 
-/// The in-process tier: moka with a byte budget and per-entry lifetimes.
-/// Seeded per process, so keys chosen by clients cannot be made to collide on purpose, and much
-/// cheaper than SipHash on the hit path.
-type KeyHasher = foldhash::fast::RandomState;
-
-#[derive(Clone)]
-pub struct Store {
-    cache: Cache<CacheKey, Arc<Entry>, KeyHasher>,
-    policy: Policy,
-    clock: Clock,
-    index: Arc<Index>,
-}
-
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("entries", &self.cache.entry_count())
-            .field("policy", &self.policy)
-            .finish()
-    }
-}
-
-impl Store {
-    pub fn new(max_bytes: u64, policy: Policy, clock: Clock) -> Store {
-        Store::with_eviction_counter(max_bytes, policy, clock, None)
-    }
-
-    /// A store that counts removals by cause (`expired`, `size`, `explicit`, `replaced`).
-    pub fn with_eviction_counter(
-        max_bytes: u64,
-        policy: Policy,
-        clock: Clock,
-        evictions: Option<prometheus::IntCounterVec>,
-    ) -> Store {
-        let index = Arc::new(Index::default());
-        let listener_index = index.clone();
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(weigh)
-            .expire_after(EntryExpiry)
-            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
-                listener_index.remove(&key, &entry);
-                if let Some(c) = &evictions {
-                    let cause = match cause {
-                        moka::notification::RemovalCause::Expired => "expired",
-                        moka::notification::RemovalCause::Size => "size",
-                        moka::notification::RemovalCause::Explicit => "explicit",
-                        moka::notification::RemovalCause::Replaced => "replaced",
-                    };
-                    c.with_label_values(&[cause]).inc();
-                }
-            })
-            .build_with_hasher(KeyHasher::default());
-        Store {
-            cache,
-            policy,
-            clock,
-            index,
+impl Cache {
+    pub fn new(local: Store, metrics: CacheMetrics) -> Cache {
+        Cache {
+            local,
+            fleet: None,
+            metrics,
         }
     }
 
-    pub fn index(&self) -> &Index {
-        &self.index
+    /// Adds the fleet's shared tier (fleet mode). Call [`Cache::start_fleet`] once running.
+    pub fn with_fleet(mut self, shared: SharedTier, bus: Bus) -> Cache {
+        self.fleet = Some(FleetTier { shared, bus });
+        self
     }
 
-    /// Starts a write to (or purge of) `app`: its write epoch moves now, so fetches in flight
-    /// will not store what they bring back, and again when the guard drops, after the caller's
-    /// removals, so an answer memoized in between from entries about to be removed is not
-    /// valid either.
-    pub fn begin_write(&self, app: &Arc<str>) -> WriteGuard<'_> {
-        self.index.bump_epoch(app);
-        WriteGuard {
-            index: &self.index,
-            app: app.clone(),
-        }
+    pub fn local(&self) -> &Store {
+        &self.local
     }
 
-    pub async fn get(&self, key: &CacheKey) -> Lookup {
-        self.get_at(key, self.clock.now()).await
-    }
-
-    /// A lookup as of `now` (one clock read serves a whole request).
-    pub async fn get_at(&self, key: &CacheKey, now: Instant) -> Lookup {
-        let Some(entry) = self.cache.get(key).await else {
-            return Lookup::Miss;
-        };
-        if let ElementCode::Other(_) = entry.answer.code {
-            // Never stored (see `Policy::lifetime`), but a lookup must not guess.
-            return Lookup::Miss;
-        }
-        if now < entry.fresh_until {
-            Lookup::Fresh(entry)
-        } else if now < entry.revalidate_until {
-            Lookup::Revalidate(entry)
-        } else if now < entry.stale_until {
-            Lookup::StaleIfError(entry)
-        } else {
-            Lookup::Miss
-        }
-    }
-
-    /// Wraps an upstream answer into an entry and stores it when the policy allows, unless a
-    /// write to its app happened since `epoch` (see [`Index::epoch`]): the answer may predate
-    /// the write. Returns the entry either way (the caller stitches with it) and whether it was
-    /// discarded for that reason.
-    pub async fn put_since(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
-        self.put_since_with(key, answer, epoch, None).await
-    }
-
-    /// [`Store::put_fresh_for`], unless a write to its app happened since `epoch` (as
-    /// [`Store::put_since`]): a value promoted from the shared tier may predate a local write.
-    pub async fn put_fresh_for_since(
-        &self,
-        key: CacheKey,
-        answer: Answer,
-        fresh: Duration,
-        epoch: u64,
-    ) -> (Arc<Entry>, bool) {
-        self.put_since_with(key, answer, epoch, Some(fresh)).await
-    }
-
-    async fn put_since_with(
-        &self,
-        key: CacheKey,
-        answer: Answer,
-        epoch: u64,
-        fresh_for: Option<Duration>,
-    ) -> (Arc<Entry>, bool) {
-        if self.index.epoch(&key.access_id) != epoch {
-            return (self.put_with(None, answer, fresh_for).await, true);
-        }
-        let app = key.access_id.clone();
-        let check = key.clone();
-        let entry = self.put_with(Some(key), answer, fresh_for).await;
-        // A write may have slipped in between the check and the insert; its invalidation may
-        // have run before the insert. Looking again closes that gap.
-        if self.index.epoch(&app) != epoch {
-            self.cache.invalidate(&check).await;
-            return (entry, true);
-        }
-        (entry, false)
-    }
-
-    /// Stores unconditionally (see [`Store::put_since`]).
-    pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
-        self.put_inner(Some(key), answer).await
-    }
-
-    /// Stores an answer from the fleet's shared tier with the fresh time it has left there.
-    pub async fn put_fresh_for(
-        &self,
-        key: CacheKey,
-        answer: Answer,
-        fresh: Duration,
-    ) -> Arc<Entry> {
-        self.put_with(Some(key), answer, Some(fresh)).await
-    }
-
-    async fn put_inner(&self, key: Option<CacheKey>, answer: Answer) -> Arc<Entry> {
-        self.put_with(key, answer, None).await
-    }
-
-    async fn put_with(
-        &self,
-        key: Option<CacheKey>,
-        answer: Answer,
-        fresh_for: Option<Duration>,
-    ) -> Arc<Entry> {
-        let lifetime = self.policy.lifetime(&answer);
-        let fresh = match (lifetime, fresh_for) {
-            (Some(l), Some(left)) => left.min(l),
-            (Some(l), None) => self.policy.jittered(l),
-            (None, _) => Duration::ZERO,
-        };
-        let now = self.clock.now();
-        let swr = self.policy.stale_while_revalidate;
-        let sie = self.policy.stale_if_error;
-        let entry = Arc::new(Entry {
-            answer,
-            fresh_until: now + fresh,
-            revalidate_until: now + fresh + swr,
-            stale_until: now + fresh + swr.max(sie),
-            keep: fresh + swr.max(sie),
-        });
-        if let (Some(key), Some(_)) = (key, lifetime) {
-            self.index.add(&key, &entry);
-            self.cache.insert(key, entry.clone()).await;
-        }
-        entry
-    }
-
-    /// Every key of `app` that a write naming these tokens and accounts can make wrong: their
-    /// own entries, the entries their own elements list, and the entries that list them.
-    pub async fn affected(
-        &self,
-        app: &Arc<str>,
-        tokens: &[String],
-        accounts: &[String],
-    ) -> Vec<CacheKey> {
-        let named = self.name_hashes(app, tokens, accounts);
-        let mut keys = self.index.keys_for(&named);
-        let mut related = self.index.listed_by(&named);
-        for k in &keys {
-            if let Some(entry) = self.cache.get(k).await {
-                let (kind, _) = kind_and_name(&k.ident);
-                related.extend(
-                    bound_names(kind, &entry)
-                        .iter()
-                        .map(|b| self.index.name_hash(app, kind.other(), b)),
-                );
-            }
-        }
-        keys.extend(self.index.keys_for(&related));
-        let mut seen = std::collections::HashSet::with_capacity(keys.len());
-        keys.retain(|k| seen.insert(k.clone()));
-        keys
-    }
-
-    /// Only the keys carrying exactly these names (operator purges).
-    pub fn named(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<CacheKey> {
-        self.index
-            .keys_for(&self.name_hashes(app, tokens, accounts))
-    }
-
-    fn name_hashes(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<u64> {
-        tokens
-            .iter()
-            .map(|t| self.index.name_hash(app, Kind::Token, t))
-            .chain(
-                accounts
-                    .iter()
-                    .map(|a| self.index.name_hash(app, Kind::Account, a)),
-            )
-            .collect()
-    }
-
-    /// Drops these keys. Returns how many were present.
-    pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
-        let mut n = 0;
-        for k in keys {
-            if self.cache.remove(k).await.is_some() {
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Drops every entry of `access_id`; returns the identifiers dropped.
-    pub async fn purge_app(&self, access_id: &str) -> Vec<CacheKey> {
-        let keys: Vec<CacheKey> = self
-            .cache
-            .iter()
-            .filter(|(k, _)| &*k.access_id == access_id)
-            .map(|(k, _)| (*k).clone())
-            .collect();
-        let mut dropped = Vec::with_capacity(keys.len());
-        for k in keys {
-            if self.cache.remove(&k).await.is_some() {
-                dropped.push(k);
-            }
-        }
-        dropped
-    }
-
-    pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    pub fn weighted_bytes(&self) -> u64 {
-        self.cache.weighted_size()
-    }
-
-    /// Lets moka apply pending writes and evictions (so the counts above are current).
-    pub async fn sync(&self) {
-        self.cache.run_pending_tasks().await;
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.metrics
     }
 
     pub fn clock(&self) -> &Clock {
-        &self.clock
+        self.local.clock()
     }
 
-    /// How long entries are kept after their fresh period (the longer stale window).
-    pub fn keep_after_fresh(&self) -> Duration {
-        self.policy
-            .stale_while_revalidate
-            .max(self.policy.stale_if_error)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::value::RawValue;
-
-    fn key(app: &str, token: &str) -> CacheKey {
-        CacheKey::new(
-            Arc::from("http://u"),
-            Arc::from(app),
-            None,
-            Ident::Token(token.into()),
-        )
+    /// The app's write epoch (see [`index::Index::epoch`]).
+    pub fn epoch(&self, app: &Arc<str>) -> u64 {
+        self.local.index().epoch(app)
     }
 
-    fn ok() -> Answer {
-        Answer {
-            code: ElementCode::Ok,
-            element: Some(
-                RawValue::from_string(r#"{"token":"t","account_list":[]}"#.into()).unwrap(),
-            ),
-        }
-    }
-
-    fn not_found() -> Answer {
-        Answer {
-            code: ElementCode::NotFound,
-            element: None,
-        }
-    }
-
-    fn store(negative: u64) -> Store {
-        Store::new(
-            1 << 20,
-            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(negative)),
-            Clock::default(),
-        )
-    }
-
-    fn fresh(l: Lookup) -> Option<bool> {
-        match l {
-            Lookup::Fresh(e) => Some(e.is_negative()),
-            _ => None,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn positive_and_negative_lifetimes() {
-        let s = store(10);
-        s.put(key("a", "t1"), ok()).await;
-        s.put(key("a", "t2"), not_found()).await;
-        assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
-        assert_eq!(fresh(s.get(&key("a", "t2")).await), Some(true));
-        tokio::time::advance(Duration::from_secs(11)).await;
-        assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
-        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
-        tokio::time::advance(Duration::from_secs(50)).await;
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn stale_periods_follow_the_fresh_one() {
-        let s = Store::new(
-            1 << 20,
-            Policy {
-                stale_while_revalidate: Duration::from_secs(5),
-                stale_if_error: Duration::from_secs(30),
-                ..Policy::fresh_only(Duration::from_secs(10), Duration::from_secs(10))
-            },
-            Clock::default(),
-        );
-        s.put(key("a", "t"), ok()).await;
-        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Fresh(_)));
-        tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Revalidate(_)));
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(matches!(
-            s.get(&key("a", "t")).await,
-            Lookup::StaleIfError(_)
-        ));
-        tokio::time::advance(Duration::from_secs(25)).await;
-        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Miss));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn jitter_only_shortens_lifetimes_and_spreads_them() {
-        let s = Store::new(
-            1 << 20,
-            Policy {
-                ttl_jitter: 0.5,
-                ..Policy::fresh_only(Duration::from_secs(100), Duration::from_secs(100))
-            },
-            Clock::default(),
-        );
-        let now = s.clock().now();
-        let mut ends = Vec::new();
-        for i in 0..50 {
-            let e = s.put(key("a", &format!("t{i}")), ok()).await;
-            assert!(e.fresh_until <= now + Duration::from_secs(100));
-            assert!(e.fresh_until >= now + Duration::from_secs(50));
-            ends.push(e.fresh_until);
-        }
-        ends.sort();
-        ends.dedup();
-        assert!(ends.len() > 40, "lifetimes spread out");
-    }
-
-    #[tokio::test]
-    async fn manual_clock_expires() {
-        let s = store(10);
-        s.put(key("a", "t2"), not_found()).await;
-        s.clock().advance(Duration::from_secs(10));
-        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
-    }
-
-    fn account_key(app: &str, account: &str, t: Option<i64>) -> CacheKey {
-        CacheKey::new(
-            Arc::from("http://u"),
-            Arc::from(app),
-            None,
-            Ident::Account {
-                account: account.into(),
-                account_type: t,
-                extra: None,
-            },
-        )
-    }
-
-    fn el(json: &str) -> Answer {
-        Answer {
-            code: ElementCode::Ok,
-            element: Some(RawValue::from_string(json.to_owned()).unwrap()),
-        }
-    }
-
-    #[tokio::test]
-    async fn index_finds_both_directions_and_follows_evictions() {
-        let s = store(10);
-        let app: Arc<str> = Arc::from("a");
-        s.put(
-            key("a", "t1"),
-            el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
-        )
-        .await;
-        s.put(
-            account_key("a", "old", None),
-            el(r#"{"account":"old","token_list":["t1","t9"]}"#),
-        )
-        .await;
-        s.put(
-            account_key("a", "old", Some(3)),
-            el(r#"{"account":"old","token_list":[]}"#),
-        )
-        .await;
-        s.put(
-            key("a", "t9"),
-            el(r#"{"token":"t9","account_list":[{"account":"old"}]}"#),
-        )
-        .await;
-        s.put(
-            key("b", "t1"),
-            el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
-        )
-        .await;
-        // A write to t1 affects t1 and the account bound to it (both account_type variants),
-        // and nothing of app b.
-        let affected = s.affected(&app, &["t1".to_owned()], &[]).await;
-        assert_eq!(affected.len(), 3, "{affected:?}");
-        assert!(affected.iter().all(|k| &*k.access_id == "a"));
-        // A write to account "old" reaches the tokens it is bound to.
-        let affected = s.affected(&app, &[], &["old".to_owned()]).await;
-        assert_eq!(affected.len(), 4, "{affected:?}");
-        assert_eq!(s.invalidate(&affected).await, 4);
-        s.sync().await;
-        assert!(s.affected(&app, &["t1".to_owned()], &[]).await.is_empty());
-        assert_eq!(s.index().len(), 1, "only app b's t1 is left");
-        assert_eq!(s.purge_app("b").await.len(), 1);
-        s.sync().await;
-        assert!(s.index().is_empty());
-    }
-
-    #[tokio::test]
-    async fn replacing_an_entry_keeps_the_index_consistent() {
-        let s = store(10);
-        let app: Arc<str> = Arc::from("a");
-        s.put(
-            key("a", "t1"),
-            el(r#"{"token":"t1","account_list":[{"account":"x"}]}"#),
-        )
-        .await;
-        s.put(
-            key("a", "t1"),
-            el(r#"{"token":"t1","account_list":[{"account":"y"}]}"#),
-        )
-        .await;
-        s.sync().await;
-        assert_eq!(s.affected(&app, &[], &["y".to_owned()]).await.len(), 1);
-        assert!(s.affected(&app, &[], &["x".to_owned()]).await.is_empty());
-    }
-
-    #[tokio::test]
-    async fn writes_since_a_fetch_started_keep_its_answer_out() {
-        let s = store(10);
-        let app: Arc<str> = Arc::from("a");
-        let epoch = s.index().epoch(&app);
-        s.index().bump_epoch(&app);
-        let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
-        assert!(discarded);
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
-        let epoch = s.index().epoch(&app);
-        let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
-        assert!(!discarded);
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
-        // Another app's write does not matter.
-        s.index().bump_epoch(&Arc::from("b"));
-        assert!(!s.put_since(key("a", "t2"), ok(), epoch).await.1);
-    }
-
-    /// Regression: a purge or write bumped the app's epoch before removing entries, so a query
-    /// in between memoized the old answer under the new epoch and it stayed valid.
-    #[tokio::test]
-    async fn an_answer_memoized_during_a_write_is_invalid_after_it() {
-        let s = store(10);
-        let memo = memo::Memo::new(1 << 20, Duration::from_secs(60)).expect("memo on");
-        let app: Arc<str> = Arc::from("a");
-        s.put(key("a", "t1"), ok()).await;
-        let write = s.begin_write(&app);
-        // A query runs now: reads the epoch, finds the entry, memoizes its answer.
-        let epoch = s.index().epoch(&app);
-        let Lookup::Fresh(e) = s.get(&key("a", "t1")).await else {
-            panic!("still cached until the removal");
+    /// Fleet mode: applies the other sidecars' invalidations, and retries failed generation
+    /// moves every second. Runs until the process ends.
+    pub fn start_fleet(self: &Arc<Self>) {
+        let Some(fleet) = &self.fleet else {
+            return;
         };
-        let (fp, body) = ([1u8; 32], bytes::Bytes::from_static(b"{}"));
-        memo.put(
-            fp,
-            body.clone(),
-            memo::Memoized {
-                body: bytes::Bytes::new(),
-                cache_status: String::new(),
-                ret_code: 0,
-                fresh_until: e.fresh_until,
-                epoch,
-                access_id: app.clone(),
-                op: crate::api::query::Op::TokenAccounts,
-                hits: 1,
-                negative_hits: 0,
-            },
-        );
-        s.invalidate(&[key("a", "t1")]).await;
+        let cache = Arc::downgrade(self);
+        fleet.bus.subscribe(move |msg| {
+            let cache = cache.clone();
+            async move {
+                if let Some(cache) = cache.upgrade() {
+                    cache.apply_remote(msg).await;
+                }
+            }
+        });
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(cache) = cache.upgrade() else {
+                    return;
+                };
+                if let Some(fleet) = &cache.fleet {
+                    for app in fleet.shared.closed_apps() {
+                        cache.reopen(&app).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Looks `keys` (all of `app`, for a credential the upstream accepted) up in this sidecar,
+    /// then what is missing in the shared tier (one round trip). A shared value is promoted
+    /// into this sidecar's cache unless a write to the app passed meanwhile.
+    pub async fn lookup(&self, app: &Arc<str>, keys: &[CacheKey]) -> Vec<Found> {
+        let epoch = self.epoch(app);
+        let now = self.local.clock().now();
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            found.push(match self.local.get_at(key, now).await {
+                Lookup::Fresh(e) => Found::Fresh(e),
+                Lookup::Revalidate(e) => Found::Revalidate(e),
+                Lookup::StaleIfError(e) => Found::Miss { stale: Some(e) },
+                Lookup::Miss => Found::Miss { stale: None },
+            });
+        }
+        let Some(fleet) = &self.fleet else {
+            return found;
+        };
+        let wanted: Vec<usize> = (0..keys.len())
+            .filter(|&i| matches!(found[i], Found::Miss { .. }))
+            .collect();
+        if wanted.is_empty() || !self.shared_usable(app).await {
+            return found;
+        }
+        let asked: Vec<CacheKey> = wanted.iter().map(|&i| keys[i].clone()).collect();
+        if let Some(hits) = fleet.shared.lookup(app, &asked).await {
+            for (&i, hit) in wanted.iter().zip(hits) {
+                if let Some((answer, fresh_for)) = hit {
+                    let (entry, _) = self
+                        .local
+                        .put_fresh_for_since(keys[i].clone(), answer, fresh_for, epoch)
+                        .await;
+                    found[i] = Found::Shared(entry);
+                }
+            }
+        }
+        found
+    }
+
+    /// Values of `keys` that another sidecar is fetching, once they appear in the shared tier:
+    /// promoted as in [`Cache::lookup`] (if no write passed since `epoch`). `None` when the
+    /// shared tier cannot be used.
+    pub async fn shared_values(
+        &self,
+        app: &Arc<str>,
+        keys: &[CacheKey],
+        epoch: u64,
+    ) -> Option<Vec<Option<Arc<Entry>>>> {
+        let fleet = self.fleet.as_ref()?;
+        if !self.shared_usable(app).await {
+            return None;
+        }
+        let hits = fleet.shared.lookup(app, keys).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, hit) in keys.iter().zip(hits) {
+            out.push(match hit {
+                Some((answer, fresh_for)) => Some(
+                    self.local
+                        .put_fresh_for_since(key.clone(), answer, fresh_for, epoch)
+                        .await
+                        .0,
+                ),
+                None => None,
+            });
+        }
+        Some(out)
+    }
+
+    /// Stores a fetched answer unless a write to its app happened since `epoch` (the answer
+    /// may predate it). Returns the entry either way (the caller answers with it) and whether
+    /// it was stored.
+    pub async fn store(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+        let (entry, discarded) = self.local.put_since(key, answer, epoch).await;
+        (entry, !discarded)
+    }
+
+    /// Fleet mode: the app's generation, read before a fetch; what the fetch brings back is
+    /// shared only under it. `None` without the shared tier or while it cannot be used.
+    pub async fn generation(&self, app: &Arc<str>) -> Option<u64> {
+        let fleet = self.fleet.as_ref()?;
+        if !self.shared_usable(app).await {
+            return None;
+        }
+        fleet.shared.generation(app).await
+    }
+
+    /// Fleet mode: writes fetched entries to the shared tier under `generation`.
+    pub async fn share(&self, generation: u64, entries: &[(CacheKey, Arc<Entry>)]) {
+        if let Some(fleet) = &self.fleet {
+            fleet
+                .shared
+                .write(generation, entries, self.local.keep_after_fresh())
+                .await;
+        }
+    }
+
+    /// Drops what `names` make wrong for `app`, here and (in fleet mode) in the whole fleet.
+    /// Returns the keys it dropped and how many were present.
+    ///
+    /// The order matters: the app's write epoch moves first (fetches in flight will not store
+    /// what they bring back), then the fleet's generation moves (older shared values stop being
+    /// used everywhere) and the invalidation is published, then local entries go, and the epoch
+    /// moves again (an answer memoized in between is not valid either). A generation that
+    /// cannot be moved closes the app's shared values here until it can.
+    pub async fn invalidate(
+        &self,
+        app: &Arc<str>,
+        names: Names<'_>,
+        source: InvalidationSource,
+    ) -> (Vec<CacheKey>, usize) {
+        let write = self.local.begin_write(app);
+        if let Some(fleet) = &self.fleet {
+            let (tokens, accounts, all) = match names {
+                Names::Written { tokens, accounts } | Names::Exactly { tokens, accounts } => {
+                    (tokens.to_vec(), accounts.to_vec(), false)
+                }
+                Names::All => (Vec::new(), Vec::new(), true),
+            };
+            let bumped = fleet.shared.bump(app).await;
+            let msg = Invalidation {
+                origin: fleet.bus.origin(),
+                app: app.to_string(),
+                tokens,
+                accounts,
+                all,
+                bumped,
+            };
+            let published = fleet.bus.publish(&msg).await;
+            if !bumped || !published {
+                tracing::warn!("fleet mode: an invalidation did not reach Redis; shared values of its app are not used until it does");
+                fleet.shared.close(msg);
+            }
+        }
+        let (keys, dropped) = self.drop_local(app, names).await;
         drop(write);
-        let now = s.clock().now();
-        assert!(
-            memo.get(&fp, &body, now, |a| s.index().epoch(a)).is_none(),
-            "the memo outlived the purge"
-        );
+        self.metrics.invalidated.inc_by(source, dropped as u64);
+        (keys, dropped)
     }
 
-    /// Regression: the weigher charged the identifier and the element but not the key's
-    /// top-level scope, so one client could pin a 900 KB field per negative entry while being
-    /// charged ~0.6 KB, and memory grew far past `cache.max_bytes`.
-    #[tokio::test]
-    async fn an_entry_is_charged_everything_its_key_pins() {
-        let s = Store::new(
-            1 << 20,
-            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
-            Clock::default(),
-        );
-        for i in 0..50 {
-            let scope: Arc<str> =
-                Arc::from(format!("{{\"pad\":\"{i:03}{}\"}}", "x".repeat(100_000)));
-            let key = CacheKey::new(
-                Arc::from("http://u"),
-                Arc::from("a"),
-                Some(scope),
-                Ident::Token(format!("nx-{i}").into()),
-            );
-            let e = s.put(key.clone(), not_found()).await;
-            assert!(weigh(&key, &e) > 100_000);
+    async fn drop_local(&self, app: &Arc<str>, names: Names<'_>) -> (Vec<CacheKey>, usize) {
+        match names {
+            Names::All => {
+                let keys = self.local.purge_app(app).await;
+                let n = keys.len();
+                (keys, n)
+            }
+            Names::Written { tokens, accounts } => {
+                let keys = self.local.affected(app, tokens, accounts).await;
+                let n = self.local.invalidate(&keys).await;
+                (keys, n)
+            }
+            Names::Exactly { tokens, accounts } => {
+                let keys = self.local.named(app, tokens, accounts);
+                let n = self.local.invalidate(&keys).await;
+                (keys, n)
+            }
         }
-        s.sync().await;
-        assert!(s.weighted_bytes() <= 1 << 20, "{}", s.weighted_bytes());
-        assert!(
-            s.entry_count() <= 10,
-            "{} entries of 100 KB in 1 MiB",
-            s.entry_count()
-        );
     }
 
-    /// Issue 11, item 7: a value promoted from the shared tier while a write to its app passed
-    /// is not stored (it may predate the write).
-    #[tokio::test]
-    async fn promotions_from_before_a_write_are_not_stored() {
-        let s = store(10);
-        let app: Arc<str> = Arc::from("a");
-        let epoch = s.index().epoch(&app);
-        drop(s.begin_write(&app));
-        let (_, dropped) = s
-            .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
-            .await;
-        assert!(dropped);
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
-        let epoch = s.index().epoch(&app);
-        let (e, dropped) = s
-            .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
-            .await;
-        assert!(!dropped);
-        assert!(e.fresh_until <= s.clock().now() + Duration::from_secs(5));
-        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
-    }
-
-    #[tokio::test]
-    async fn apps_do_not_share_entries() {
-        let s = store(10);
-        s.put(key("a", "t1"), ok()).await;
-        assert!(matches!(s.get(&key("b", "t1")).await, Lookup::Miss));
-    }
-
-    #[tokio::test]
-    async fn uncacheable_answers_are_not_stored() {
-        let s = store(0);
-        s.put(key("a", "nf"), not_found()).await;
-        s.put(
-            key("a", "bad"),
-            Answer {
-                code: ElementCode::Other("1008006".into()),
-                element: None,
-            },
-        )
-        .await;
-        s.put(
-            key("a", "ok-no-element"),
-            Answer {
-                code: ElementCode::Ok,
-                element: None,
-            },
-        )
-        .await;
-        s.sync().await;
-        assert_eq!(s.entry_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn byte_budget_is_enforced() {
-        let s = Store::new(
-            64 * 1024,
-            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
-            Clock::default(),
-        );
-        for i in 0..5000 {
-            s.put(key("a", &format!("token-{i}")), ok()).await;
+    /// Another sidecar's invalidation.
+    async fn apply_remote(&self, msg: Invalidation) {
+        let app: Arc<str> = Arc::from(msg.app.as_str());
+        if let (false, Some(fleet)) = (msg.bumped, &self.fleet) {
+            // Its sender could not move the generation: shared values of the app may predate
+            // the write. Closed here too, until a move succeeds.
+            fleet.shared.close(msg.clone());
         }
-        s.sync().await;
-        assert!(s.weighted_bytes() <= 64 * 1024, "{}", s.weighted_bytes());
-        assert!(s.entry_count() > 50);
+        let names = if msg.all {
+            Names::All
+        } else {
+            Names::Written {
+                tokens: &msg.tokens,
+                accounts: &msg.accounts,
+            }
+        };
+        let write = self.local.begin_write(&app);
+        let (_, dropped) = self.drop_local(&app, names).await;
+        drop(write);
+        self.metrics
+            .invalidated
+            .inc_by(InvalidationSource::Fleet, dropped as u64);
+    }
+
+    /// Whether shared values of `app` may be used; a closed app is retried first.
+    async fn shared_usable(&self, app: &str) -> bool {
+        match &self.fleet {
+            Some(fleet) if fleet.shared.is_closed(app) => self.reopen(app).await,
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Retries a closed app's generation move (and its publication); reopens it on success.
+    async fn reopen(&self, app: &str) -> bool {
+        let Some(fleet) = &self.fleet else {
+            return false;
+        };
+        let Some(waiting) = fleet.shared.waiting(app) else {
+            return !fleet.shared.is_closed(app);
+        };
+        if !fleet.shared.bump(app).await {
+            return false;
+        }
+        let msg = Invalidation {
+            origin: fleet.bus.origin(),
+            bumped: true,
+            ..waiting
+        };
+        if !fleet.bus.publish(&msg).await {
+            return false;
+        }
+        fleet.shared.reopen(app);
+        !fleet.shared.is_closed(app)
+    }
+
+    /// Lets moka apply pending work and sets the size gauges (at each scrape).
+    pub async fn refresh_gauges(&self) {
+        self.local.sync().await;
+        self.metrics
+            .entries
+            .set(i64::try_from(self.local.entry_count()).unwrap_or(i64::MAX));
+        self.metrics
+            .weighted_bytes
+            .set(i64::try_from(self.local.weighted_bytes()).unwrap_or(i64::MAX));
     }
 }

@@ -1,6 +1,6 @@
-//! Who is asking: the client's credential, the app (AccessID) it scopes the cache to, the
-//! credentials sent upstream on its behalf, and the set of credentials the upstream has
-//! recently accepted.
+//! Who is asking: the client's credential, the app (AccessID) it scopes the cache to, and the
+//! credentials sent upstream on its behalf. What the upstream said of a credential is kept in
+//! [`crate::trust`].
 //!
 //! Modes (see the README): Basic pass-through; signature pass-through, verified and re-signed
 //! for apps whose SecretKey the proxy holds (`auth.apps`), forwarded byte-for-byte otherwise;
@@ -18,14 +18,9 @@ use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};
 use sha2::Sha256;
 
-use crate::config::{AuthScheme, Keys, Secret};
-
-fn sign_for(key: &Secret, timestamp: &str, access_id: &str, body: &[u8]) -> String {
-    sign(key.expose().as_bytes(), timestamp, access_id, body)
-}
-
-/// A keyed hash of one `Authorization` header value.
-pub type Fingerprint = [u8; 32];
+use crate::config::{AuthScheme, Keys};
+pub use crate::trust::Fingerprint;
+use crate::upstream::{unix_seconds, Auth as UpstreamAuth};
 
 /// What the client's headers say about who it is.
 #[derive(Debug, Clone)]
@@ -94,111 +89,29 @@ impl Unscoped {
     }
 }
 
-/// How a request's upstream calls are authenticated.
-#[derive(Debug, Clone)]
-pub enum UpstreamAuth {
-    /// This `Authorization` value as it is (the client's Basic, or injected Basic).
-    Header(HeaderValue),
-    /// `AccessId`/`TimeStamp`/`Sign` computed for each body with this app's key.
-    Sign { access_id: Arc<str>, secret: Secret },
-}
-
-impl UpstreamAuth {
-    /// Adds the credentials for a call with this `body`.
-    pub fn apply(&self, headers: &mut HeaderMap, body: &[u8]) {
-        match self {
-            UpstreamAuth::Header(v) => {
-                headers.insert(AUTHORIZATION, v.clone());
-            }
-            UpstreamAuth::Sign { access_id, secret } => {
-                let ts = unix_now().to_string();
-                let sign = sign(secret.expose().as_bytes(), &ts, access_id, body);
-                for (name, value) in [
-                    ("accessid", &**access_id),
-                    ("timestamp", &ts),
-                    ("sign", &sign),
-                ] {
-                    if let Ok(v) = HeaderValue::from_str(value) {
-                        headers.insert(name, v);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether applying needs the whole body (signatures do).
-    pub fn needs_body(&self) -> bool {
-        matches!(self, UpstreamAuth::Sign { .. })
-    }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// Credentials the upstream has accepted recently (bounded, with a TTL), and the keys the proxy
-/// holds.
+/// The keys the proxy holds (to verify and re-sign signatures, to inject), and the key of the
+/// fingerprints.
 pub struct Credentials {
     key: [u8; 32],
-    accepted: moka::sync::Cache<Fingerprint, ()>,
-    /// Credentials the upstream refused recently: answered locally, never sent again until
-    /// `auth.refused_ttl` passes. Keyed by fingerprints (the client chooses them, so the set is
-    /// bounded by `auth.refused_max`, moka evicting the least used).
-    refused: moka::sync::Cache<Fingerprint, ()>,
     keys: Keys,
     max_skew: std::time::Duration,
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the key.
+        // Never print the key or the secrets.
         f.debug_struct("Credentials")
-            .field("accepted", &self.accepted.entry_count())
+            .field("apps", &self.keys.apps.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Credentials {
-    pub fn new(
-        ttl: std::time::Duration,
-        max: u64,
-        keys: Keys,
-        max_skew: std::time::Duration,
-    ) -> Result<Credentials, getrandom::Error> {
-        Credentials::with_refusals(
-            ttl,
-            max,
-            crate::config::DEFAULT_REFUSED_TTL,
-            crate::config::DEFAULT_REFUSED_MAX,
-            keys,
-            max_skew,
-        )
-    }
-
-    /// [`Credentials::new`] remembering refused credentials for `refused_ttl` (at most
-    /// `refused_max` of them).
-    pub fn with_refusals(
-        ttl: std::time::Duration,
-        max: u64,
-        refused_ttl: std::time::Duration,
-        refused_max: u64,
-        keys: Keys,
-        max_skew: std::time::Duration,
-    ) -> Result<Credentials, getrandom::Error> {
+    pub fn new(keys: Keys, max_skew: std::time::Duration) -> Result<Credentials, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         Ok(Credentials {
             key,
-            accepted: moka::sync::Cache::builder()
-                .max_capacity(max)
-                .time_to_live(ttl)
-                .build(),
-            refused: moka::sync::Cache::builder()
-                .max_capacity(refused_max)
-                .time_to_live(refused_ttl.max(std::time::Duration::from_millis(1)))
-                .build(),
             keys,
             max_skew,
         })
@@ -272,10 +185,10 @@ impl Credentials {
             .parse()
             .map_err(|_| "TimeStamp is not a number")?;
         // abs_diff cannot overflow, whatever TimeStamp a client sends.
-        if unix_now().abs_diff(ts) > self.max_skew.as_secs() {
+        if unix_seconds().abs_diff(ts) > self.max_skew.as_secs() {
             return Err("TimeStamp outside the allowed clock skew");
         }
-        let expected = sign_for(key, timestamp, access_id, body);
+        let expected = tpns_wire::sign(key.expose().as_bytes(), timestamp, access_id, body);
         use subtle::ConstantTimeEq;
         let given = sign.trim().as_bytes();
         if expected.len() == given.len() && bool::from(expected.as_bytes().ct_eq(given)) {
@@ -331,74 +244,37 @@ impl Credentials {
         mac.update(header);
         mac.finalize().into_bytes().into()
     }
-
-    pub fn is_accepted(&self, fp: &Fingerprint) -> bool {
-        self.accepted.contains_key(fp)
-    }
-
-    pub fn accept(&self, fp: Fingerprint) {
-        self.accepted.insert(fp, ());
-    }
-
-    /// The upstream refused this credential: stop serving it from cache at once.
-    pub fn forget(&self, fp: &Fingerprint) {
-        self.accepted.invalidate(fp);
-    }
-
-    /// The upstream refused this credential: forget it, and answer it locally for a while.
-    pub fn refuse(&self, fp: Fingerprint) {
-        self.forget(&fp);
-        self.refused.insert(fp, ());
-    }
-
-    /// Whether the upstream refused this credential within `auth.refused_ttl`.
-    pub fn is_refused(&self, fp: &Fingerprint) -> bool {
-        self.refused.contains_key(fp)
-    }
 }
-
-pub use tpns_wire::code::is_auth_failure;
-pub use tpns_wire::sign;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
     use http::HeaderValue;
+    use tpns_wire::sign;
 
     fn creds() -> Credentials {
-        Credentials::new(
-            std::time::Duration::from_secs(60),
-            100,
-            Keys::default(),
-            std::time::Duration::from_secs(300),
-        )
-        .unwrap()
+        Credentials::new(Keys::default(), std::time::Duration::from_secs(300)).unwrap()
     }
 
     fn signed_creds() -> Credentials {
         let mut keys = Keys::default();
         keys.apps.insert("app1".into(), Secret::new("k1".into()));
-        Credentials::new(
-            std::time::Duration::from_secs(60),
-            100,
-            keys,
-            std::time::Duration::from_secs(300),
-        )
-        .unwrap()
+        Credentials::new(keys, std::time::Duration::from_secs(300)).unwrap()
     }
 
     #[test]
     fn verifies_signatures_and_their_age() {
         let c = signed_creds();
         let body = b"{}";
-        let now = unix_now().to_string();
+        let now = unix_seconds().to_string();
         let good = sign(b"k1", &now, "app1", body);
         assert_eq!(c.verify("app1", &now, &good, body), Ok(()));
         assert!(c.verify("app1", &now, &good, b"{ }").is_err(), "other body");
         assert!(c
             .verify("app1", &now, &sign(b"k2", &now, "app1", body), body)
             .is_err());
-        let old = (unix_now() - 301).to_string();
+        let old = (unix_seconds() - 301).to_string();
         assert_eq!(
             c.verify("app1", &old, &sign(b"k1", &old, "app1", body), body),
             Err("TimeStamp outside the allowed clock skew")
@@ -499,17 +375,6 @@ mod tests {
         assert_ne!(fp(&a, "app:one"), fp(&a, "app:two"));
         assert_eq!(fp(&a, "app:one"), fp(&a, "app:one"));
         assert_ne!(fp(&a, "app:one"), fp(&b, "app:one"));
-        a.accept(fp(&a, "app:one"));
-        assert!(a.is_accepted(&fp(&a, "app:one")));
-        assert!(!a.is_accepted(&fp(&a, "app:two")));
-        a.forget(&fp(&a, "app:one"));
-        assert!(!a.is_accepted(&fp(&a, "app:one")));
-        assert!(!a.is_refused(&fp(&a, "app:one")));
-        a.accept(fp(&a, "app:one"));
-        a.refuse(fp(&a, "app:one"));
-        assert!(!a.is_accepted(&fp(&a, "app:one")));
-        assert!(a.is_refused(&fp(&a, "app:one")));
-        assert!(!a.is_refused(&fp(&a, "app:two")));
         assert!(!format!("{a:?}").contains("key:"));
     }
 }

@@ -16,13 +16,15 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::auth::{ClientAuth, UpstreamAuth};
-use super::passthrough::forward_buffered;
-use super::{error_response, State};
+use super::auth::ClientAuth;
+use super::passthrough::forward_read;
+use super::status::CacheStatus;
+use super::{error_response, Proxy};
 use crate::api::ErrorShape;
-use crate::cache::CacheKey;
-use crate::metrics::{RequestOutcome, Route};
-use crate::upstream::{full, ProxyBody};
+use crate::cache::Names;
+use crate::http::ProxyBody;
+use crate::metrics::labels::{InvalidationSource, Route};
+use crate::upstream::Auth as UpstreamAuth;
 
 /// The tokens and accounts a batchoperate body names (any operator type), or `None` when the
 /// body is not one (the upstream will refuse it; nothing to invalidate).
@@ -64,29 +66,6 @@ pub fn named_identifiers(body: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
     Some((tokens, accounts))
 }
 
-/// Drops what a write to these names can make wrong for `app`; returns the keys dropped.
-pub async fn invalidate(
-    state: &State,
-    app: &Arc<str>,
-    tokens: &[String],
-    accounts: &[String],
-    source: &'static str,
-) -> Vec<CacheKey> {
-    let write = state.store.begin_write(app);
-    if let Some(fleet) = &state.fleet {
-        fleet.invalidate(app, tokens, accounts, false).await;
-    }
-    let keys = state.store.affected(app, tokens, accounts).await;
-    let dropped = state.store.invalidate(&keys).await;
-    drop(write);
-    state
-        .metrics
-        .invalidated
-        .with_label_values(&[source])
-        .inc_by(dropped as u64);
-    keys
-}
-
 /// The app a write is for, whether its credential is trusted, and the credentials to inject.
 ///
 /// The app is taken from the credential the upstream authenticates, never from a header it
@@ -95,7 +74,7 @@ pub async fn invalidate(
 /// request, and we cannot know which one the upstream used), so it invalidates nothing: an
 /// `Authorization: Basic A:…` with `AccessId: B` must not drop B's entries.
 fn app_of(
-    state: &State,
+    proxy: &Proxy,
     req: &Request<Incoming>,
 ) -> (Option<Arc<str>>, bool, Option<UpstreamAuth>) {
     let headers = req.headers();
@@ -107,7 +86,7 @@ fn app_of(
     if has_basic && signature_headers > 0 {
         return (None, false, None);
     }
-    let auth = state.credentials.classify(headers);
+    let auth = proxy.credentials.classify(headers);
     match &auth {
         ClientAuth::Basic {
             access_id,
@@ -117,9 +96,9 @@ fn app_of(
             access_id,
             fingerprint,
         } => {
-            let trusted = state.credentials.is_accepted(fingerprint);
+            let trusted = proxy.trust.is_accepted(fingerprint);
             let inject = match &auth {
-                ClientAuth::Injected { .. } => state.credentials.injection(),
+                ClientAuth::Injected { .. } => proxy.credentials.injection(),
                 _ => None,
             };
             (Some(access_id.clone()), trusted, inject)
@@ -140,73 +119,96 @@ fn app_of(
     }
 }
 
-pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let (app, trusted, inject) = app_of(state, &req);
+    let (app, trusted, inject) = app_of(proxy, &req);
     let (parts, body) = req.into_parts();
-    let (bytes, _held) = match super::read_body(
-        body,
-        &parts.headers,
-        &state.config.limits,
-        &state.body_budget,
-    )
-    .await
-    {
-        Ok(b) => b,
+    let held = match proxy.read_body(body, &parts.headers).await {
+        Ok(h) => h,
         Err(e) => return error_response(ErrorShape::Snake, &e),
     };
     let named = app
         .as_ref()
-        .and_then(|app| named_identifiers(&bytes).map(|(t, a)| (app.clone(), t, a)));
+        .and_then(|app| named_identifiers(&held.bytes).map(|(t, a)| (app.clone(), t, a)));
     if let (Some((app, tokens, accounts)), true) = (&named, trusted) {
-        invalidate(state, app, tokens, accounts, "batchoperate").await;
+        invalidate(
+            proxy,
+            app,
+            tokens,
+            accounts,
+            InvalidationSource::Batchoperate,
+        )
+        .await;
     }
-    let (resp, outcome) =
-        match forward_buffered(state, parts, bytes, inject.as_ref(), "fwd=bypass").await {
-            Ok((head, body)) => {
-                let ret_code = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("ret_code").and_then(Value::as_i64));
-                let accepted = head.status == http::StatusCode::OK && ret_code == Some(0);
-                if let (Some((app, tokens, accounts)), true) = (named, accepted) {
-                    if !trusted {
-                        invalidate(state, &app, &tokens, &accounts, "batchoperate").await;
-                    }
-                    schedule_again(state, app, tokens, accounts);
+    let read = forward_read(
+        proxy,
+        parts,
+        held.bytes.clone(),
+        inject.as_ref(),
+        CacheStatus::Forwarded,
+    )
+    .await;
+    match (named, read.status) {
+        (Some((app, tokens, accounts)), Some(status)) => {
+            let accepted = status == http::StatusCode::OK && read.ret_code == Some(0);
+            if accepted {
+                if !trusted {
+                    invalidate(
+                        proxy,
+                        &app,
+                        &tokens,
+                        &accounts,
+                        InvalidationSource::Batchoperate,
+                    )
+                    .await;
                 }
-                (
-                    Response::from_parts(head, full(body)),
-                    RequestOutcome::Bypass,
-                )
+                schedule_again(proxy, app, tokens, accounts);
             }
-            Err(e) => {
-                // The write may still apply (a timeout after it was sent): a trusted credential's
-                // write was invalidated at once, so invalidate again later as for an accepted one.
-                // An unverified credential's write invalidates nothing here: it was never shown good.
-                if let (Some((app, tokens, accounts)), true) = (named, trusted) {
-                    schedule_again(state, app, tokens, accounts);
-                }
-                (
-                    error_response(ErrorShape::Snake, &e),
-                    RequestOutcome::UpstreamError,
-                )
-            }
-        };
-    state
+        }
+        // The forward failed: the write may still apply (a timeout after it was sent). A
+        // trusted credential's write was invalidated at once, so it is invalidated again later
+        // as for an accepted one; an unverified credential's invalidates nothing here (it was
+        // never shown good).
+        (Some((app, tokens, accounts)), None) if trusted => {
+            schedule_again(proxy, app, tokens, accounts)
+        }
+        _ => {}
+    }
+    proxy
         .metrics
-        .request(Route::Other, outcome, started.elapsed().as_secs_f64());
-    resp
+        .request(Route::Other, read.outcome, started.elapsed().as_secs_f64());
+    read.response
 }
 
-fn schedule_again(state: &Arc<State>, app: Arc<str>, tokens: Vec<String>, accounts: Vec<String>) {
-    let delay = state.config.cache.invalidate_again_after;
+async fn invalidate(
+    proxy: &Proxy,
+    app: &Arc<str>,
+    tokens: &[String],
+    accounts: &[String],
+    source: InvalidationSource,
+) {
+    proxy
+        .cache
+        .invalidate(app, Names::Written { tokens, accounts }, source)
+        .await;
+}
+
+fn schedule_again(proxy: &Arc<Proxy>, app: Arc<str>, tokens: Vec<String>, accounts: Vec<String>) {
+    let delay = proxy.config.cache.invalidate_again_after;
     if delay.is_zero() {
         return;
     }
-    let state = state.clone();
+    let proxy = proxy.clone();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        invalidate(&state, &app, &tokens, &accounts, "batchoperate_delayed").await;
+        invalidate(
+            &proxy,
+            &app,
+            &tokens,
+            &accounts,
+            InvalidationSource::BatchoperateDelayed,
+        )
+        .await;
     });
 }
 

@@ -1,242 +1,217 @@
 //! Forwarding unchanged: method, path, query, end-to-end headers and status are kept; bodies
 //! stream both ways; hop-by-hop headers (RFC 9110 §7.6.1) are dropped; `Host` becomes the
-//! upstream's. Used for every path but the cached query, and for queries the proxy cannot scope.
+//! upstream's. Used for every path but the cached query, for queries the cache does not serve,
+//! and (reading both bodies) for writes that invalidate.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderName, CONNECTION, HOST};
-use http::{HeaderMap, HeaderValue, Request, Response, Version};
+use bytes::Bytes;
+use http::header::HOST;
+use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{cache_status, error_response, State, CACHE_STATUS};
+use super::status::CacheStatus;
+use super::{error_response, upstream_error_response, Proxy};
+use crate::api::answer::ret_code_of;
+use crate::api::error::UpstreamError;
 use crate::api::ErrorShape;
-use crate::metrics::{RequestOutcome, Route, UpstreamOutcome};
-use crate::upstream::ProxyBody;
+use crate::http::{full, strip_hop_by_hop, ProxyBody, CACHE_STATUS};
+use crate::metrics::labels::{RequestOutcome, Route, UpstreamOutcome};
+use crate::upstream::Auth as UpstreamAuth;
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-/// `Transfer-Encoding` is left to hyper, which re-frames the streamed body itself.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-/// Forwards a request on a path the proxy does not cache (adding the injected credentials to a
+/// A path the proxy does not cache: forwarded unchanged (adding the injected credentials to a
 /// request that arrives with none, when injection is configured).
-pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
-    let inject = match state.credentials.classify(req.headers()) {
-        super::auth::ClientAuth::Injected { .. } => state.credentials.injection(),
+    let inject = match proxy.credentials.classify(req.headers()) {
+        super::auth::ClientAuth::Injected { .. } => proxy.credentials.injection(),
         _ => None,
     };
-    let (resp, outcome) = forward_as_is(state, req, inject.as_ref(), "fwd=bypass").await;
-    state
+    let (resp, outcome) = forward_as_is(proxy, req, inject.as_ref(), CacheStatus::Forwarded).await;
+    proxy
         .metrics
         .request(Route::Other, outcome, started.elapsed().as_secs_f64());
     resp
 }
 
-/// Forwards `req` unchanged but for the injected credentials `inject` (for a request that
-/// arrived with none), with `status` as its `Cache-Status` parameters.
-pub async fn forward_as_is(
-    state: &Arc<State>,
-    req: Request<Incoming>,
-    inject: Option<&super::auth::UpstreamAuth>,
-    status: &str,
-) -> (Response<ProxyBody>, RequestOutcome) {
-    match inject {
-        None => forward(state, req, Some(status)).await,
-        Some(auth) if !auth.needs_body() => {
-            let mut req = req;
-            auth.apply(req.headers_mut(), &[]);
-            forward(state, req, Some(status)).await
-        }
-        // A signature covers the body: read it (bounded), sign, send.
-        Some(auth) => forward_signed(state, req, auth, status).await,
-    }
-}
-
-/// Sends `req` to the upstream unchanged and streams the answer back. `status` is the
-/// `Cache-Status` parameter list to attach (`fwd=bypass` when not given).
-pub async fn forward(
-    state: &Arc<State>,
-    req: Request<Incoming>,
-    status: Option<&str>,
-) -> (Response<ProxyBody>, RequestOutcome) {
-    let shape = ErrorShape::for_path(req.uri().path());
-    let route = if shape == ErrorShape::Camel {
+fn route_of(path: &str) -> Route {
+    if ErrorShape::for_path(path) == ErrorShape::Camel {
         Route::Query
     } else {
         Route::Other
-    };
-    let (mut parts, body) = req.into_parts();
+    }
+}
+
+/// Forwards `req` unchanged but for the injected credentials `inject` (for a request that
+/// arrived with none), with `status` as its `Cache-Status`. A signature covers the body, so a
+/// signed injection reads it first (bounded).
+pub async fn forward_as_is(
+    proxy: &Arc<Proxy>,
+    req: Request<Incoming>,
+    inject: Option<&UpstreamAuth>,
+    status: CacheStatus,
+) -> (Response<ProxyBody>, RequestOutcome) {
+    match inject {
+        Some(auth) if auth.needs_body() => {
+            let shape = ErrorShape::for_path(req.uri().path());
+            let (parts, body) = req.into_parts();
+            let held = match proxy.read_body(body, &parts.headers).await {
+                Ok(h) => h,
+                Err(e) => return (error_response(shape, &e), RequestOutcome::Invalid),
+            };
+            let read = forward_read(proxy, parts, held.bytes, Some(auth), status).await;
+            (read.response, read.outcome)
+        }
+        Some(auth) => {
+            let mut req = req;
+            auth.apply(req.headers_mut(), &[]);
+            forward(proxy, req, status).await
+        }
+        None => forward(proxy, req, status).await,
+    }
+}
+
+/// The request line and headers as the upstream gets them.
+fn upstream_parts(
+    proxy: &Proxy,
+    mut parts: http::request::Parts,
+) -> Result<http::request::Parts, UpstreamError> {
     let pq = parts
         .uri
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let uri = match state.upstream.base().uri_for(&pq) {
-        Ok(u) => u,
-        Err(e) => return (error_response(shape, &e), RequestOutcome::Invalid),
-    };
+    parts.uri =
+        proxy.upstream.base().uri_for(&pq).ok_or_else(|| {
+            UpstreamError::Unreachable("the request path is not a valid URI".into())
+        })?;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HOST);
-    parts.uri = uri;
     parts.version = Version::HTTP_11;
+    Ok(parts)
+}
+
+/// The path without the query string (query strings are not logged).
+fn path_of(parts: &http::request::Parts) -> String {
+    parts.uri.path().to_owned()
+}
+
+/// Sends `req` unchanged and streams the answer back.
+async fn forward(
+    proxy: &Arc<Proxy>,
+    req: Request<Incoming>,
+    status: CacheStatus,
+) -> (Response<ProxyBody>, RequestOutcome) {
+    let route = route_of(req.uri().path());
+    let shape = ErrorShape::for_path(req.uri().path());
+    let (parts, body) = req.into_parts();
+    let path = path_of(&parts);
+    let parts = match upstream_parts(proxy, parts) {
+        Ok(p) => p,
+        Err(e) => return (upstream_error_response(shape, &e), RequestOutcome::Invalid),
+    };
     let upstream_req = Request::from_parts(parts, body.map_err(Into::into).boxed());
-    let status_value = cache_status(status.unwrap_or("fwd=bypass"));
-    match state.upstream.send(upstream_req).await {
+    match proxy.upstream.send(upstream_req).await {
         Ok(resp) => {
-            state.metrics.upstream(route, UpstreamOutcome::Forwarded);
+            proxy
+                .upstream_metrics
+                .calls
+                .inc(route, UpstreamOutcome::Forwarded);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(CACHE_STATUS, status_value);
+            parts.headers.insert(CACHE_STATUS, status.header());
             (
                 Response::from_parts(parts, body.map_err(Into::into).boxed()),
                 RequestOutcome::Bypass,
             )
         }
-        Err(e) => {
-            state.metrics.upstream(route, UpstreamOutcome::of_error(&e));
-            tracing::warn!(path = %pq_path(&pq), error = %e, "forwarding to the upstream failed");
-            let mut resp = error_response(shape, &e);
-            resp.headers_mut().insert(
-                CACHE_STATUS,
-                HeaderValue::from_static("tpns-cache; fwd=bypass; detail=\"upstream error\""),
-            );
-            (resp, RequestOutcome::UpstreamError)
-        }
+        Err(e) => (
+            failed(proxy, route, shape, &path, &e),
+            RequestOutcome::UpstreamError,
+        ),
     }
+}
+
+fn failed(
+    proxy: &Proxy,
+    route: Route,
+    shape: ErrorShape,
+    path: &str,
+    e: &UpstreamError,
+) -> Response<ProxyBody> {
+    proxy
+        .upstream_metrics
+        .calls
+        .inc(route, e.classify().outcome);
+    tracing::warn!(path = %path, error = %e, "forwarding to the upstream failed");
+    let mut resp = upstream_error_response(shape, e);
+    resp.headers_mut()
+        .insert(CACHE_STATUS, CacheStatus::ForwardFailed.header());
+    resp
+}
+
+/// A forwarded request whose answer was read whole.
+#[derive(Debug)]
+pub struct Read {
+    pub response: Response<ProxyBody>,
+    pub outcome: RequestOutcome,
+    /// The answer's HTTP status, when the upstream answered.
+    pub status: Option<http::StatusCode>,
+    /// The answer's TPNS code (`retCode` or `ret_code`), when it has one.
+    pub ret_code: Option<i64>,
 }
 
 /// Forwards a request whose body was already read, and reads the whole answer (bounded by
-/// `upstream.max_response_bytes`, within `upstream.timeout` for the head). Used where the proxy
-/// must look at both (writes that invalidate).
-pub async fn forward_buffered(
-    state: &Arc<State>,
-    mut parts: http::request::Parts,
-    body: bytes::Bytes,
-    inject: Option<&super::auth::UpstreamAuth>,
-    status: &str,
-) -> Result<(http::response::Parts, bytes::Bytes), crate::api::error::ProxyError> {
-    use crate::api::error::ProxyError;
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    parts.uri = state.upstream.base().uri_for(&pq)?;
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(HOST);
-    parts.version = Version::HTTP_11;
+/// `upstream.max_response_bytes`): where the proxy must look at both (writes that invalidate,
+/// queries too large to key).
+pub async fn forward_read(
+    proxy: &Arc<Proxy>,
+    parts: http::request::Parts,
+    body: Bytes,
+    inject: Option<&UpstreamAuth>,
+    status: CacheStatus,
+) -> Read {
+    let route = route_of(parts.uri.path());
+    let shape = ErrorShape::for_path(parts.uri.path());
+    let path = path_of(&parts);
+    let failure = |e: &UpstreamError| Read {
+        response: failed(proxy, route, shape, &path, e),
+        outcome: RequestOutcome::UpstreamError,
+        status: None,
+        ret_code: None,
+    };
+    let mut parts = match upstream_parts(proxy, parts) {
+        Ok(p) => p,
+        Err(e) => return failure(&e),
+    };
     if let Some(auth) = inject {
         auth.apply(&mut parts.headers, &body);
     }
-    let req = Request::from_parts(parts, crate::upstream::full(body));
-    let resp = match state.upstream.send(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            state
-                .metrics
-                .upstream(Route::Other, UpstreamOutcome::of_error(&e));
-            tracing::warn!(path = %pq_path(&pq), error = %e, "forwarding to the upstream failed");
-            return Err(e);
-        }
-    };
-    state
-        .metrics
-        .upstream(Route::Other, UpstreamOutcome::Forwarded);
-    let (mut head, body) = resp.into_parts();
-    strip_hop_by_hop(&mut head.headers);
-    let limit =
-        usize::try_from(state.config.upstream.max_response_bytes.as_u64()).unwrap_or(usize::MAX);
-    let bytes = tokio::time::timeout(
-        state.upstream.timeout(),
-        http_body_util::Limited::new(body, limit).collect(),
-    )
-    .await
-    .map_err(|_| ProxyError::UpstreamTimeout(state.upstream.timeout()))?
-    .map_err(|e| ProxyError::UpstreamUnreachable(crate::upstream::error_chain(e.as_ref())))?
-    .to_bytes();
-    // The body is re-framed with its real length.
-    head.headers.remove(http::header::CONTENT_LENGTH);
-    head.headers.remove(http::header::TRANSFER_ENCODING);
-    head.headers.insert(CACHE_STATUS, cache_status(status));
-    Ok((head, bytes))
-}
-
-async fn forward_signed(
-    state: &Arc<State>,
-    req: Request<Incoming>,
-    auth: &super::auth::UpstreamAuth,
-    status: &str,
-) -> (Response<ProxyBody>, RequestOutcome) {
-    let shape = ErrorShape::for_path(req.uri().path());
-    let (parts, body) = req.into_parts();
-    let (bytes, _held) = match super::read_body(
-        body,
-        &parts.headers,
-        &state.config.limits,
-        &state.body_budget,
-    )
-    .await
+    match proxy
+        .upstream
+        .send_buffered(Request::from_parts(parts, full(body)))
+        .await
     {
-        Ok(b) => b,
-        Err(e) => return (error_response(shape, &e), RequestOutcome::Invalid),
-    };
-    match forward_buffered(state, parts, bytes, Some(auth), status).await {
-        Ok((head, body)) => (
-            Response::from_parts(head, crate::upstream::full(body)),
-            RequestOutcome::Bypass,
-        ),
-        Err(e) => (error_response(shape, &e), RequestOutcome::UpstreamError),
-    }
-}
-
-/// The path without the query string (query strings are not logged).
-fn pq_path(pq: &str) -> &str {
-    pq.split('?').next().unwrap_or(pq)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_named() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close, x-private"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("te", HeaderValue::from_static("trailers"));
-        h.insert("authorization", HeaderValue::from_static("Basic x"));
-        h.insert("x-request-id", HeaderValue::from_static("r1"));
-        strip_hop_by_hop(&mut h);
-        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        names.sort_unstable();
-        assert_eq!(names, ["authorization", "x-request-id"]);
+        Ok((mut head, bytes)) => {
+            proxy
+                .upstream_metrics
+                .calls
+                .inc(route, UpstreamOutcome::Forwarded);
+            // The body is re-framed with its real length.
+            head.headers.remove(http::header::CONTENT_LENGTH);
+            head.headers.remove(http::header::TRANSFER_ENCODING);
+            head.headers.insert(CACHE_STATUS, status.header());
+            let ret_code = ret_code_of(&bytes);
+            let response = Response::from_parts(head, full(bytes));
+            Read {
+                status: Some(response.status()),
+                response,
+                outcome: RequestOutcome::Bypass,
+                ret_code,
+            }
+        }
+        Err(e) => failure(&e),
     }
 }

@@ -1,7 +1,7 @@
 //! A retry budget: every upstream call earns `ratio` of a retry (up to `MAX_BALANCE`), and a
 //! retry spends one, so retries stay a bounded share of calls even when the upstream is down.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 /// Retries that can be saved up for a burst of failures.
 const MAX_BALANCE: f64 = 10.0;
@@ -22,19 +22,15 @@ impl RetryBudget {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, f64> {
-        self.balance.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// An original (non-retry) call was made.
     pub fn deposit(&self) {
-        let mut b = self.lock();
+        let mut b = self.balance.lock();
         *b = (*b + self.ratio).min(MAX_BALANCE);
     }
 
     /// Spends one retry if the budget has it.
     pub fn try_withdraw(&self) -> bool {
-        let mut b = self.lock();
+        let mut b = self.balance.lock();
         if *b >= 1.0 {
             *b -= 1.0;
             true

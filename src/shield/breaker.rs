@@ -4,7 +4,7 @@
 //! Answers that are business refusals (HTTP 200 with a non-zero code) count as successes: the
 //! upstream is alive.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -61,7 +61,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe && !self.recorded {
-            let mut inner = self.breaker.lock();
+            let mut inner = self.breaker.inner.lock();
             if let Inner::HalfOpen { probing } = &mut *inner {
                 *probing = false;
             }
@@ -79,12 +79,8 @@ impl Breaker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub fn state(&self) -> BreakerState {
-        match &*self.lock() {
+        match &*self.inner.lock() {
             Inner::Closed { .. } => BreakerState::Closed,
             Inner::HalfOpen { .. } => BreakerState::HalfOpen,
             Inner::Open { until } if Instant::now() >= *until => BreakerState::HalfOpen,
@@ -94,7 +90,7 @@ impl Breaker {
 
     /// A permit, or how long until the breaker lets a probe through.
     pub fn allow(&self) -> Result<Permit<'_>, Duration> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let now = Instant::now();
         let probe = match &mut *inner {
             Inner::Closed { .. } => false,
@@ -120,7 +116,7 @@ impl Breaker {
         if self.threshold == 0 {
             return None;
         }
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let now = Instant::now();
         match (&mut *inner, success) {
             (Inner::Closed { failures }, true) => {

@@ -5,7 +5,8 @@
 //!
 //! It is never staler than the entries it was built from: it is valid only until the earliest
 //! of their fresh periods ends, and only while its app has had no write or purge since (the
-//! app's write epoch, see [`super::index::Index::epoch`]). Bounded by `cache.memo_max_bytes`.
+//! app's write epoch, see [`crate::cache::index::Index::epoch`]). Bounded by
+//! `cache.memo_max_bytes`; the keys are chosen by accepted credentials only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::api::query::Op;
+use super::super::status::CacheStatus;
+use crate::api::request::Op;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct MemoKey {
@@ -25,7 +27,7 @@ struct MemoKey {
 #[derive(Debug)]
 pub struct Memoized {
     pub body: Bytes,
-    pub cache_status: String,
+    pub cache_status: CacheStatus,
     pub ret_code: i64,
     /// The earliest end of the fresh periods of the entries it was stitched from.
     pub fresh_until: Instant,
@@ -59,8 +61,7 @@ impl Memo {
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &MemoKey, v: &Arc<Memoized>| {
-                u32::try_from(k.body.len() + v.body.len() + v.cache_status.len() + 256)
-                    .unwrap_or(u32::MAX)
+                u32::try_from(k.body.len() + v.body.len() + 256).unwrap_or(u32::MAX)
             })
             .time_to_live(longest_lifetime.max(Duration::from_secs(1)))
             .build_with_hasher(foldhash::fast::RandomState::default());
@@ -106,7 +107,7 @@ mod tests {
     fn memoized(fresh_for: Duration, epoch: u64) -> Memoized {
         Memoized {
             body: Bytes::from_static(b"{}"),
-            cache_status: "hit".into(),
+            cache_status: CacheStatus::Refused,
             ret_code: 0,
             fresh_until: Instant::now() + fresh_for,
             epoch,

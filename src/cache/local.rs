@@ -1,0 +1,685 @@
+//! The in-process tier: moka with a byte budget (the weigher), per-entry lifetimes, and an
+//! eviction listener that keeps the reverse index in step.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use moka::Expiry;
+use tokio::time::Instant;
+
+use super::entry::{Clock, Entry, Lookup, Policy};
+use super::index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
+use super::key::{CacheKey, KeyData};
+use crate::api::answer::{Answer, ElementCode};
+use crate::metrics::labels::EvictionCause;
+use crate::metrics::Counter1;
+
+/// A write to an app in progress (see [`Store::begin_write`]).
+#[derive(Debug)]
+pub struct WriteGuard<'a> {
+    index: &'a Index,
+    app: Arc<str>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.index.bump_epoch(&self.app);
+    }
+}
+
+/// Fixed bytes per entry beyond the key's and element's heap data: the key and entry structs
+/// and their `Arc`s, moka's own bookkeeping (deque nodes, hash table slot, frequency sketch),
+/// the reverse index, and the allocator's rounding. Calibrated with `examples/memprobe.rs` so
+/// that `cache.max_bytes` tracks the process's real memory growth.
+const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
+    + std::mem::size_of::<Entry>()
+    + 2 * 16
+    + MOKA_BYTES_PER_ENTRY
+    + INDEX_BYTES_PER_ENTRY;
+/// Measured moka overhead per entry (see `examples/memprobe.rs`).
+const MOKA_BYTES_PER_ENTRY: usize = 400;
+
+/// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
+/// AccessID and the top-level scope are shared by the keys of one request, but each entry is
+/// charged them in full: an entry can outlive its siblings and then pins them alone, and a
+/// client must not be able to pin a large scope (a 900 KB unknown field) for the price of an
+/// identifier. Real requests carry at most a short `account_type` there.
+pub fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
+    let bytes = ENTRY_OVERHEAD_BYTES
+        + key.ident.heap_bytes()
+        + key.access_id.len()
+        + key.top_scope.as_ref().map_or(0, |s| s.len())
+        + entry.answer.element.as_ref().map_or(0, |e| e.get().len());
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.keep)
+    }
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Entry>,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.keep)
+    }
+}
+
+/// The in-process tier: moka with a byte budget and per-entry lifetimes.
+/// Seeded per process, so keys chosen by clients cannot be made to collide on purpose, and much
+/// cheaper than SipHash on the hit path.
+type KeyHasher = foldhash::fast::RandomState;
+
+#[derive(Clone)]
+pub struct Store {
+    cache: Cache<CacheKey, Arc<Entry>, KeyHasher>,
+    policy: Policy,
+    clock: Clock,
+    index: Arc<Index>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("entries", &self.cache.entry_count())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new(max_bytes: u64, policy: Policy, clock: Clock) -> Store {
+        Store::with_eviction_counter(max_bytes, policy, clock, None)
+    }
+
+    /// A store that counts removals by cause.
+    pub fn with_eviction_counter(
+        max_bytes: u64,
+        policy: Policy,
+        clock: Clock,
+        evictions: Option<Counter1<EvictionCause>>,
+    ) -> Store {
+        let index = Arc::new(Index::default());
+        let listener_index = index.clone();
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(weigh)
+            .expire_after(EntryExpiry)
+            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
+                listener_index.remove(&key, &entry);
+                if let Some(c) = &evictions {
+                    use moka::notification::RemovalCause as R;
+                    c.inc(match cause {
+                        R::Expired => EvictionCause::Expired,
+                        R::Size => EvictionCause::Size,
+                        R::Explicit => EvictionCause::Explicit,
+                        R::Replaced => EvictionCause::Replaced,
+                    });
+                }
+            })
+            .build_with_hasher(KeyHasher::default());
+        Store {
+            cache,
+            policy,
+            clock,
+            index,
+        }
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Starts a write to (or purge of) `app`: its write epoch moves now, so fetches in flight
+    /// will not store what they bring back, and again when the guard drops, after the caller's
+    /// removals, so an answer memoized in between from entries about to be removed is not
+    /// valid either.
+    pub fn begin_write(&self, app: &Arc<str>) -> WriteGuard<'_> {
+        self.index.bump_epoch(app);
+        WriteGuard {
+            index: &self.index,
+            app: app.clone(),
+        }
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Lookup {
+        self.get_at(key, self.clock.now()).await
+    }
+
+    /// A lookup as of `now` (one clock read serves a whole request).
+    pub async fn get_at(&self, key: &CacheKey, now: Instant) -> Lookup {
+        let Some(entry) = self.cache.get(key).await else {
+            return Lookup::Miss;
+        };
+        if let ElementCode::Other(_) = entry.answer.code {
+            // Never stored (see `Policy::lifetime`), but a lookup must not guess.
+            return Lookup::Miss;
+        }
+        if now < entry.fresh_until {
+            Lookup::Fresh(entry)
+        } else if now < entry.revalidate_until {
+            Lookup::Revalidate(entry)
+        } else if now < entry.stale_until {
+            Lookup::StaleIfError(entry)
+        } else {
+            Lookup::Miss
+        }
+    }
+
+    /// Wraps an upstream answer into an entry and stores it when the policy allows, unless a
+    /// write to its app happened since `epoch` (see [`Index::epoch`]): the answer may predate
+    /// the write. Returns the entry either way (the caller stitches with it) and whether it was
+    /// discarded for that reason.
+    pub async fn put_since(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+        self.put_since_with(key, answer, epoch, None).await
+    }
+
+    /// [`Store::put_fresh_for`], unless a write to its app happened since `epoch` (as
+    /// [`Store::put_since`]): a value promoted from the shared tier may predate a local write.
+    pub async fn put_fresh_for_since(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        fresh: Duration,
+        epoch: u64,
+    ) -> (Arc<Entry>, bool) {
+        self.put_since_with(key, answer, epoch, Some(fresh)).await
+    }
+
+    async fn put_since_with(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        epoch: u64,
+        fresh_for: Option<Duration>,
+    ) -> (Arc<Entry>, bool) {
+        if self.index.epoch(&key.access_id) != epoch {
+            return (self.put_with(None, answer, fresh_for).await, true);
+        }
+        let app = key.access_id.clone();
+        let check = key.clone();
+        let entry = self.put_with(Some(key), answer, fresh_for).await;
+        // A write may have slipped in between the check and the insert; its invalidation may
+        // have run before the insert. Looking again closes that gap.
+        if self.index.epoch(&app) != epoch {
+            self.cache.invalidate(&check).await;
+            return (entry, true);
+        }
+        (entry, false)
+    }
+
+    /// Stores unconditionally (see [`Store::put_since`]).
+    pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
+        self.put_inner(Some(key), answer).await
+    }
+
+    /// Stores an answer from the fleet's shared tier with the fresh time it has left there.
+    pub async fn put_fresh_for(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        fresh: Duration,
+    ) -> Arc<Entry> {
+        self.put_with(Some(key), answer, Some(fresh)).await
+    }
+
+    async fn put_inner(&self, key: Option<CacheKey>, answer: Answer) -> Arc<Entry> {
+        self.put_with(key, answer, None).await
+    }
+
+    async fn put_with(
+        &self,
+        key: Option<CacheKey>,
+        answer: Answer,
+        fresh_for: Option<Duration>,
+    ) -> Arc<Entry> {
+        let (entry, cacheable) = self.policy.entry(answer, self.clock.now(), fresh_for);
+        if let (Some(key), true) = (key, cacheable) {
+            self.index.add(&key, &entry);
+            self.cache.insert(key, entry.clone()).await;
+        }
+        entry
+    }
+
+    /// Every key of `app` that a write naming these tokens and accounts can make wrong: their
+    /// own entries, the entries their own elements list, and the entries that list them.
+    pub async fn affected(
+        &self,
+        app: &Arc<str>,
+        tokens: &[String],
+        accounts: &[String],
+    ) -> Vec<CacheKey> {
+        let named = self.name_hashes(app, tokens, accounts);
+        let mut keys = self.index.keys_for(&named);
+        let mut related = self.index.listed_by(&named);
+        for k in &keys {
+            if let Some(entry) = self.cache.get(k).await {
+                let (kind, _) = kind_and_name(&k.ident);
+                related.extend(
+                    bound_names(kind, &entry)
+                        .iter()
+                        .map(|b| self.index.name_hash(app, kind.other(), b)),
+                );
+            }
+        }
+        keys.extend(self.index.keys_for(&related));
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        keys.retain(|k| seen.insert(k.clone()));
+        keys
+    }
+
+    /// Only the keys carrying exactly these names (operator purges).
+    pub fn named(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<CacheKey> {
+        self.index
+            .keys_for(&self.name_hashes(app, tokens, accounts))
+    }
+
+    fn name_hashes(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<u64> {
+        tokens
+            .iter()
+            .map(|t| self.index.name_hash(app, Kind::Token, t))
+            .chain(
+                accounts
+                    .iter()
+                    .map(|a| self.index.name_hash(app, Kind::Account, a)),
+            )
+            .collect()
+    }
+
+    /// Drops these keys. Returns how many were present.
+    pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
+        let mut n = 0;
+        for k in keys {
+            if self.cache.remove(k).await.is_some() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Drops every entry of `access_id`; returns the identifiers dropped.
+    pub async fn purge_app(&self, access_id: &str) -> Vec<CacheKey> {
+        let keys: Vec<CacheKey> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| &*k.access_id == access_id)
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        let mut dropped = Vec::with_capacity(keys.len());
+        for k in keys {
+            if self.cache.remove(&k).await.is_some() {
+                dropped.push(k);
+            }
+        }
+        dropped
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn weighted_bytes(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// Lets moka apply pending writes and evictions (so the counts above are current).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// How long entries are kept after their fresh period (the longer stale window).
+    pub fn keep_after_fresh(&self) -> Duration {
+        self.policy.keep_after_fresh()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::request::Ident;
+    use serde_json::value::RawValue;
+
+    fn key(app: &str, token: &str) -> CacheKey {
+        CacheKey::new(
+            Arc::from("http://u"),
+            Arc::from(app),
+            None,
+            Ident::Token(token.into()),
+        )
+    }
+
+    fn ok() -> Answer {
+        Answer {
+            code: ElementCode::Ok,
+            element: Some(
+                RawValue::from_string(r#"{"token":"t","account_list":[]}"#.into()).unwrap(),
+            ),
+        }
+    }
+
+    fn not_found() -> Answer {
+        Answer {
+            code: ElementCode::NotFound,
+            element: None,
+        }
+    }
+
+    fn store(negative: u64) -> Store {
+        Store::new(
+            1 << 20,
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(negative)),
+            Clock::default(),
+        )
+    }
+
+    fn fresh(l: Lookup) -> Option<bool> {
+        match l {
+            Lookup::Fresh(e) => Some(e.is_negative()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn positive_and_negative_lifetimes() {
+        let s = store(10);
+        s.put(key("a", "t1"), ok()).await;
+        s.put(key("a", "t2"), not_found()).await;
+        assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
+        assert_eq!(fresh(s.get(&key("a", "t2")).await), Some(true));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
+        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_periods_follow_the_fresh_one() {
+        let s = Store::new(
+            1 << 20,
+            Policy {
+                stale_while_revalidate: Duration::from_secs(5),
+                stale_if_error: Duration::from_secs(30),
+                ..Policy::fresh_only(Duration::from_secs(10), Duration::from_secs(10))
+            },
+            Clock::default(),
+        );
+        s.put(key("a", "t"), ok()).await;
+        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Fresh(_)));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Revalidate(_)));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(matches!(
+            s.get(&key("a", "t")).await,
+            Lookup::StaleIfError(_)
+        ));
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert!(matches!(s.get(&key("a", "t")).await, Lookup::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_only_shortens_lifetimes_and_spreads_them() {
+        let s = Store::new(
+            1 << 20,
+            Policy {
+                ttl_jitter: 0.5,
+                ..Policy::fresh_only(Duration::from_secs(100), Duration::from_secs(100))
+            },
+            Clock::default(),
+        );
+        let now = s.clock().now();
+        let mut ends = Vec::new();
+        for i in 0..50 {
+            let e = s.put(key("a", &format!("t{i}")), ok()).await;
+            assert!(e.fresh_until <= now + Duration::from_secs(100));
+            assert!(e.fresh_until >= now + Duration::from_secs(50));
+            ends.push(e.fresh_until);
+        }
+        ends.sort();
+        ends.dedup();
+        assert!(ends.len() > 40, "lifetimes spread out");
+    }
+
+    #[tokio::test]
+    async fn manual_clock_expires() {
+        let s = store(10);
+        s.put(key("a", "t2"), not_found()).await;
+        s.clock().advance(Duration::from_secs(10));
+        assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+    }
+
+    fn account_key(app: &str, account: &str, t: Option<i64>) -> CacheKey {
+        CacheKey::new(
+            Arc::from("http://u"),
+            Arc::from(app),
+            None,
+            Ident::Account {
+                account: account.into(),
+                account_type: t,
+                extra: None,
+            },
+        )
+    }
+
+    fn el(json: &str) -> Answer {
+        Answer {
+            code: ElementCode::Ok,
+            element: Some(RawValue::from_string(json.to_owned()).unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn index_finds_both_directions_and_follows_evictions() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        s.put(
+            key("a", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
+        )
+        .await;
+        s.put(
+            account_key("a", "old", None),
+            el(r#"{"account":"old","token_list":["t1","t9"]}"#),
+        )
+        .await;
+        s.put(
+            account_key("a", "old", Some(3)),
+            el(r#"{"account":"old","token_list":[]}"#),
+        )
+        .await;
+        s.put(
+            key("a", "t9"),
+            el(r#"{"token":"t9","account_list":[{"account":"old"}]}"#),
+        )
+        .await;
+        s.put(
+            key("b", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
+        )
+        .await;
+        // A write to t1 affects t1 and the account bound to it (both account_type variants),
+        // and nothing of app b.
+        let affected = s.affected(&app, &["t1".to_owned()], &[]).await;
+        assert_eq!(affected.len(), 3, "{affected:?}");
+        assert!(affected.iter().all(|k| &*k.access_id == "a"));
+        // A write to account "old" reaches the tokens it is bound to.
+        let affected = s.affected(&app, &[], &["old".to_owned()]).await;
+        assert_eq!(affected.len(), 4, "{affected:?}");
+        assert_eq!(s.invalidate(&affected).await, 4);
+        s.sync().await;
+        assert!(s.affected(&app, &["t1".to_owned()], &[]).await.is_empty());
+        assert_eq!(s.index().len(), 1, "only app b's t1 is left");
+        assert_eq!(s.purge_app("b").await.len(), 1);
+        s.sync().await;
+        assert!(s.index().is_empty());
+    }
+
+    #[tokio::test]
+    async fn replacing_an_entry_keeps_the_index_consistent() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        s.put(
+            key("a", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"x"}]}"#),
+        )
+        .await;
+        s.put(
+            key("a", "t1"),
+            el(r#"{"token":"t1","account_list":[{"account":"y"}]}"#),
+        )
+        .await;
+        s.sync().await;
+        assert_eq!(s.affected(&app, &[], &["y".to_owned()]).await.len(), 1);
+        assert!(s.affected(&app, &[], &["x".to_owned()]).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn writes_since_a_fetch_started_keep_its_answer_out() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        let epoch = s.index().epoch(&app);
+        s.index().bump_epoch(&app);
+        let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
+        assert!(discarded);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+        let epoch = s.index().epoch(&app);
+        let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
+        assert!(!discarded);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+        // Another app's write does not matter.
+        s.index().bump_epoch(&Arc::from("b"));
+        assert!(!s.put_since(key("a", "t2"), ok(), epoch).await.1);
+    }
+
+    /// Regression: a purge or write bumped the app's epoch before removing entries, so a query
+    /// in between memoized the old answer under the new epoch and it stayed valid.
+    #[tokio::test]
+    async fn an_answer_memoized_during_a_write_is_invalid_after_it() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        s.put(key("a", "t1"), ok()).await;
+        let write = s.begin_write(&app);
+        // A query runs now: it reads the epoch and finds the entry, and would memoize its
+        // answer under that epoch (the memo is valid while the app's epoch is unchanged).
+        let epoch = s.index().epoch(&app);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+        s.invalidate(&[key("a", "t1")]).await;
+        drop(write);
+        assert_ne!(
+            s.index().epoch(&app),
+            epoch,
+            "a memo taken during the purge would outlive it"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_entry_is_charged_everything_its_key_pins() {
+        let s = Store::new(
+            1 << 20,
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+            Clock::default(),
+        );
+        for i in 0..50 {
+            let scope: Arc<str> =
+                Arc::from(format!("{{\"pad\":\"{i:03}{}\"}}", "x".repeat(100_000)));
+            let key = CacheKey::new(
+                Arc::from("http://u"),
+                Arc::from("a"),
+                Some(scope),
+                Ident::Token(format!("nx-{i}").into()),
+            );
+            let e = s.put(key.clone(), not_found()).await;
+            assert!(weigh(&key, &e) > 100_000);
+        }
+        s.sync().await;
+        assert!(s.weighted_bytes() <= 1 << 20, "{}", s.weighted_bytes());
+        assert!(
+            s.entry_count() <= 10,
+            "{} entries of 100 KB in 1 MiB",
+            s.entry_count()
+        );
+    }
+
+    /// Issue 11, item 7: a value promoted from the shared tier while a write to its app passed
+    /// is not stored (it may predate the write).
+    #[tokio::test]
+    async fn promotions_from_before_a_write_are_not_stored() {
+        let s = store(10);
+        let app: Arc<str> = Arc::from("a");
+        let epoch = s.index().epoch(&app);
+        drop(s.begin_write(&app));
+        let (_, dropped) = s
+            .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
+            .await;
+        assert!(dropped);
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+        let epoch = s.index().epoch(&app);
+        let (e, dropped) = s
+            .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
+            .await;
+        assert!(!dropped);
+        assert!(e.fresh_until <= s.clock().now() + Duration::from_secs(5));
+        assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+    }
+
+    #[tokio::test]
+    async fn apps_do_not_share_entries() {
+        let s = store(10);
+        s.put(key("a", "t1"), ok()).await;
+        assert!(matches!(s.get(&key("b", "t1")).await, Lookup::Miss));
+    }
+
+    #[tokio::test]
+    async fn uncacheable_answers_are_not_stored() {
+        let s = store(0);
+        s.put(key("a", "nf"), not_found()).await;
+        s.put(
+            key("a", "bad"),
+            Answer {
+                code: ElementCode::Other("1008006".into()),
+                element: None,
+            },
+        )
+        .await;
+        s.put(
+            key("a", "ok-no-element"),
+            Answer {
+                code: ElementCode::Ok,
+                element: None,
+            },
+        )
+        .await;
+        s.sync().await;
+        assert_eq!(s.entry_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn byte_budget_is_enforced() {
+        let s = Store::new(
+            64 * 1024,
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+            Clock::default(),
+        );
+        for i in 0..5000 {
+            s.put(key("a", &format!("token-{i}")), ok()).await;
+        }
+        s.sync().await;
+        assert!(s.weighted_bytes() <= 64 * 1024, "{}", s.weighted_bytes());
+        assert!(s.entry_count() > 50);
+    }
+}

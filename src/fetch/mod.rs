@@ -1,0 +1,176 @@
+//! Fetching misses from the upstream, spending its quota as if it were money:
+//!
+//! - [`flights`]: coalescing, one flight per (credential, key);
+//! - [`batch`]: micro-batching of new flights of one scope;
+//! - [`call`]: one batch's upstream call, through the shield ([`crate::shield`]);
+//! - here, the [`Fetcher`] that ties them: each batch runs in its own task and resolves its
+//!   flights when done, so a client that disconnects cancels nothing for the others, and a
+//!   failure is shared by all waiters.
+
+pub mod batch;
+pub mod call;
+pub mod flights;
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use serde_json::value::RawValue;
+
+use crate::api::code;
+use crate::api::error::UpstreamError;
+use crate::api::request::Op;
+use crate::cache::CacheKey;
+use crate::trust::Fingerprint;
+use batch::{Batch, Batcher};
+use call::Caller;
+use flights::{Flights, Landing, Waiter};
+
+pub use metrics::FetchMetrics;
+
+/// Why a fetch gave no answer; shared by every waiter of the flight.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The upstream refused the call as a whole (HTTP 200, non-batch `retCode`): its own body.
+    Refused {
+        ret_code: i64,
+        body: Bytes,
+    },
+    Upstream(UpstreamError),
+}
+
+impl FetchError {
+    /// Whether a stale entry may stand in (stale-if-error): the upstream could not answer, but
+    /// nothing says the credential is bad.
+    pub fn allows_stale(&self) -> bool {
+        match self {
+            FetchError::Refused { ret_code, .. } => *ret_code == code::RATE_LIMITED,
+            FetchError::Upstream(_) => true,
+        }
+    }
+}
+
+/// The parts of a client request a batch needs (shared by its items).
+#[derive(Debug)]
+pub struct RequestContext {
+    pub fingerprint: Fingerprint,
+    pub access_id: Arc<str>,
+    pub op: Op,
+    pub top_scope: Option<Arc<str>>,
+    pub top_fields: Vec<(String, Box<RawValue>)>,
+    /// Headers of the upstream sub-request, without credentials.
+    pub headers: HeaderMap,
+    /// Credentials added to each call (signatures depend on the body).
+    pub auth: crate::upstream::Auth,
+}
+
+pub struct Fetcher {
+    flights: Arc<Flights>,
+    batcher: Arc<Batcher>,
+    caller: Arc<Caller>,
+    window: Duration,
+    wait_bound: Duration,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher")
+            .field("inflight", &self.flights.count())
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fetcher {
+    /// `window`: `shield.batch_window`; `max_batch`: `upstream.max_batch`; `timeout`:
+    /// `upstream.timeout` (for the waiters' bound).
+    pub fn new(caller: Caller, window: Duration, max_batch: usize, timeout: Duration) -> Fetcher {
+        let lease_wait = if caller.leases.is_some() {
+            caller.lease_for
+        } else {
+            Duration::ZERO
+        };
+        Fetcher {
+            flights: Arc::new(Flights::default()),
+            batcher: Arc::new(Batcher::new(max_batch, !window.is_zero())),
+            // Window, a lease wait in fleet mode, the admission wait of a call and of its one
+            // retry (all quotas share one wait), the call and its retry, and a margin.
+            wait_bound: window
+                + lease_wait
+                + caller.shield.max_wait() * 2
+                + timeout * 2
+                + Duration::from_secs(1),
+            caller: Arc::new(caller),
+            window,
+        }
+    }
+
+    /// How long a request waits for its flights before giving up: longer than the fetch it
+    /// waits for can take.
+    pub fn wait_bound(&self) -> Duration {
+        self.wait_bound
+    }
+
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// Identifiers being fetched right now.
+    pub fn inflight(&self) -> usize {
+        self.flights.count()
+    }
+
+    /// Joins or starts a flight for each `(key, element)`. Returns one waiter per item, in
+    /// order, and whether it joined a flight already in the air.
+    pub fn fetch(
+        &self,
+        ctx: &Arc<RequestContext>,
+        items: Vec<(CacheKey, Box<RawValue>)>,
+    ) -> Vec<(Waiter, bool)> {
+        let (waiters, new) = self.flights.register(ctx.fingerprint, items);
+        self.enqueue(ctx, new);
+        waiters
+    }
+
+    /// Starts a background refresh for each key not already being fetched; how many started.
+    pub fn refresh(
+        &self,
+        ctx: &Arc<RequestContext>,
+        items: Vec<(CacheKey, Box<RawValue>)>,
+    ) -> usize {
+        let (_, new) = self.flights.register(ctx.fingerprint, items);
+        let n = new.len();
+        self.enqueue(ctx, new);
+        n
+    }
+
+    fn enqueue(&self, ctx: &Arc<RequestContext>, new: Vec<flights::NewFlight>) {
+        let added = self.batcher.add(ctx, new, || self.flights.next_id());
+        for batch in added.ready {
+            tokio::spawn(run(self.flights.clone(), self.caller.clone(), batch));
+        }
+        for id in added.opened {
+            let (ctx, window) = (ctx.clone(), self.window);
+            let (flights, caller, batcher) = (
+                self.flights.clone(),
+                self.caller.clone(),
+                self.batcher.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                // Unless it went already (full).
+                if let Some(batch) = batcher.due(&ctx, id) {
+                    run(flights, caller, batch).await;
+                }
+            });
+        }
+    }
+}
+
+/// Runs one batch in its own task; its flights land however the task ends (a panic included).
+async fn run(flights: Arc<Flights>, caller: Arc<Caller>, batch: Batch) {
+    let _landing = Landing::of(&flights, batch.ctx.fingerprint, &batch.items);
+    caller.run(batch).await;
+}

@@ -1,0 +1,91 @@
+//! The invalidation bus: every write or purge one sidecar sees is published on
+//! `<prefix>:v1:invalidate`, and every other sidecar drops what it makes wrong from its own
+//! cache. Subscribing reconnects by itself.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Link;
+
+/// One invalidation, as published.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Invalidation {
+    /// The sidecar that published it.
+    #[serde(rename = "o")]
+    pub origin: u64,
+    pub app: String,
+    pub tokens: Vec<String>,
+    pub accounts: Vec<String>,
+    /// Every entry of the app (a purge of the whole app).
+    pub all: bool,
+    /// Whether the sender moved the app's generation in the shared tier. When it could not,
+    /// every sidecar that hears of it fails closed for the app too (see
+    /// [`crate::cache::shared`]).
+    #[serde(rename = "b", default)]
+    pub bumped: bool,
+}
+
+#[derive(Debug)]
+pub struct Bus {
+    link: Link,
+    channel: String,
+}
+
+impl Bus {
+    pub fn new(link: Link) -> Bus {
+        Bus {
+            channel: link.global("invalidate"),
+            link,
+        }
+    }
+
+    pub fn origin(&self) -> u64 {
+        self.link.origin()
+    }
+
+    /// Publishes `msg`; whether Redis took it.
+    pub async fn publish(&self, msg: &Invalidation) -> bool {
+        let Ok(payload) = serde_json::to_string(msg) else {
+            return false;
+        };
+        let published: Option<u64> = self
+            .link
+            .run(redis::cmd("PUBLISH").arg(&self.channel).arg(payload))
+            .await;
+        published.is_some()
+    }
+
+    /// Hands every other sidecar's invalidation to `apply`, until the process ends.
+    pub fn subscribe<F, Fut>(&self, apply: F)
+    where
+        F: Fn(Invalidation) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let client = self.link.client().clone();
+        let channel = self.channel.clone();
+        let own = self.link.origin();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            loop {
+                let pubsub = match client.get_async_pubsub().await {
+                    Ok(mut p) => p.subscribe(&channel).await.ok().map(|()| p),
+                    Err(_) => None,
+                };
+                let Some(mut pubsub) = pubsub else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                let mut stream = pubsub.on_message();
+                while let Some(msg) = stream.next().await {
+                    match serde_json::from_slice::<Invalidation>(msg.get_payload_bytes()) {
+                        Ok(m) if m.origin != own => apply(m).await,
+                        _ => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+}

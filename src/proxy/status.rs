@@ -1,0 +1,153 @@
+//! `Cache-Status` (RFC 9211): what the cache did with a request, as a typed value rendered in
+//! one place. Every value the proxy can send is listed in the README.
+
+use http::HeaderValue;
+
+use crate::metrics::labels::BypassReason;
+use crate::metrics::Label;
+
+/// Our cache's name in `Cache-Status`.
+pub const CACHE_NAME: &str = "tpns-cache";
+
+/// How many distinct identifiers came from where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// Answered from the cache (fresh, stale, or shared).
+    pub from_cache: usize,
+    pub total: usize,
+    /// Of those, past their lifetime.
+    pub stale: usize,
+    /// Stale ones stood in because the upstream could not answer (stale-if-error).
+    pub upstream_unavailable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Every identifier from the cache: `hit; detail="hit 3/3"`.
+    Hit(Served),
+    /// Some from the cache, the rest fetched: `fwd=partial; detail="hit 2/3"`.
+    Partial(Served),
+    /// All fetched: `fwd=miss; detail="hit 0/3"`.
+    Miss(Served),
+    /// A credential the upstream has not accepted yet: the request went upstream whole.
+    Unverified,
+    /// A credential the upstream refused recently: answered `1008003` here.
+    Refused,
+    /// Not the cache's to serve: forwarded unchanged.
+    Bypass(BypassReason),
+    /// Forwarded unchanged on a path the proxy does not cache: `fwd=bypass`.
+    Forwarded,
+    /// Refused here before anything was forwarded: `fwd=bypass; detail="<error kind>"`.
+    Invalid(&'static str),
+    /// The upstream refused the call as a whole; its answer is passed on.
+    UpstreamRefused,
+    /// The upstream could not answer the cached query: `fwd=miss; detail="upstream error"`.
+    UpstreamError,
+    /// The upstream could not answer a forwarded request: `fwd=bypass; detail="upstream error"`.
+    ForwardFailed,
+}
+
+impl CacheStatus {
+    /// The parameters after `tpns-cache; `.
+    pub fn params(&self) -> String {
+        let served = |s: &Served| {
+            let mut d = format!("hit {}/{}", s.from_cache, s.total);
+            if s.stale > 0 {
+                d.push_str(&format!(", stale {}", s.stale));
+            }
+            if s.upstream_unavailable {
+                d.push_str(", upstream unavailable");
+            }
+            d
+        };
+        match self {
+            CacheStatus::Hit(s) => format!("hit; detail=\"{}\"", served(s)),
+            CacheStatus::Partial(s) => format!("fwd=partial; detail=\"{}\"", served(s)),
+            CacheStatus::Miss(s) => format!("fwd=miss; detail=\"{}\"", served(s)),
+            CacheStatus::Unverified => {
+                "fwd=request; detail=\"credential not yet verified\"".to_owned()
+            }
+            CacheStatus::Refused => "hit; detail=\"credential refused\"".to_owned(),
+            CacheStatus::Bypass(reason) => format!("fwd=bypass; detail=\"{}\"", reason.as_str()),
+            CacheStatus::Forwarded => "fwd=bypass".to_owned(),
+            CacheStatus::Invalid(kind) => format!("fwd=bypass; detail=\"{kind}\""),
+            CacheStatus::UpstreamRefused => "fwd=miss; detail=\"upstream refused\"".to_owned(),
+            CacheStatus::UpstreamError => "fwd=miss; detail=\"upstream error\"".to_owned(),
+            CacheStatus::ForwardFailed => "fwd=bypass; detail=\"upstream error\"".to_owned(),
+        }
+    }
+
+    /// The header value: `tpns-cache; <params>`.
+    pub fn header(&self) -> HeaderValue {
+        HeaderValue::from_str(&format!("{CACHE_NAME}; {}", self.params()))
+            .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_value() {
+        let s = |from_cache, stale, upstream_unavailable| Served {
+            from_cache,
+            total: 3,
+            stale,
+            upstream_unavailable,
+        };
+        for (status, text) in [
+            (
+                CacheStatus::Hit(s(3, 0, false)),
+                r#"tpns-cache; hit; detail="hit 3/3""#,
+            ),
+            (
+                CacheStatus::Hit(s(3, 1, false)),
+                r#"tpns-cache; hit; detail="hit 3/3, stale 1""#,
+            ),
+            (
+                CacheStatus::Hit(s(3, 2, true)),
+                r#"tpns-cache; hit; detail="hit 3/3, stale 2, upstream unavailable""#,
+            ),
+            (
+                CacheStatus::Partial(s(2, 0, false)),
+                r#"tpns-cache; fwd=partial; detail="hit 2/3""#,
+            ),
+            (
+                CacheStatus::Miss(s(0, 0, false)),
+                r#"tpns-cache; fwd=miss; detail="hit 0/3""#,
+            ),
+            (
+                CacheStatus::Unverified,
+                r#"tpns-cache; fwd=request; detail="credential not yet verified""#,
+            ),
+            (
+                CacheStatus::Refused,
+                r#"tpns-cache; hit; detail="credential refused""#,
+            ),
+            (
+                CacheStatus::Bypass(BypassReason::ContentType),
+                r#"tpns-cache; fwd=bypass; detail="content_type""#,
+            ),
+            (CacheStatus::Forwarded, "tpns-cache; fwd=bypass"),
+            (
+                CacheStatus::Invalid("invalid_parameter"),
+                r#"tpns-cache; fwd=bypass; detail="invalid_parameter""#,
+            ),
+            (
+                CacheStatus::UpstreamRefused,
+                r#"tpns-cache; fwd=miss; detail="upstream refused""#,
+            ),
+            (
+                CacheStatus::UpstreamError,
+                r#"tpns-cache; fwd=miss; detail="upstream error""#,
+            ),
+            (
+                CacheStatus::ForwardFailed,
+                r#"tpns-cache; fwd=bypass; detail="upstream error""#,
+            ),
+        ] {
+            assert_eq!(status.header().to_str().unwrap(), text);
+        }
+    }
+}
