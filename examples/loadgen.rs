@@ -208,27 +208,36 @@ fn start_baseline(body: Bytes) -> Baseline {
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     rt.spawn(async move {
-        tpns_cache::server::serve(
-            "baseline",
-            listener,
-            move |req: Request<hyper::body::Incoming>| {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.keep_alive(true);
+        let mut rx = rx;
+        loop {
+            let stream = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                },
+                _ = &mut rx => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let body = body.clone();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let body = body.clone();
                 async move {
                     let _ = req.into_body().collect().await;
-                    let mut r = Response::new(tpns_cache::http::full(body));
+                    let mut r = Response::new(Full::new(body));
                     r.headers_mut().insert(
                         http::header::CONTENT_TYPE,
                         http::HeaderValue::from_static("application/json"),
                     );
-                    r
+                    Ok::<_, std::convert::Infallible>(r)
                 }
-            },
-            async {
-                let _ = rx.await;
-            },
-            tpns_cache::server::ServeOptions::default(),
-        )
-        .await
+            });
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
     });
     Baseline {
         addr,

@@ -26,14 +26,14 @@ use crate::metrics::labels::InvalidationSource;
 use crate::proxy::Proxy;
 
 #[derive(Debug)]
-pub struct Admin {
-    pub registry: Registry,
-    pub proxy: Arc<Proxy>,
+pub(crate) struct Admin {
+    pub(crate) registry: Registry,
+    pub(crate) proxy: Arc<Proxy>,
     /// Bearer token for admin write endpoints.
-    pub token: Option<Secret>,
-    pub ready: AtomicBool,
+    pub(crate) token: Option<Secret>,
+    pub(crate) ready: AtomicBool,
     /// Whether the admin listener is bound to a loopback address.
-    pub loopback: bool,
+    pub(crate) loopback: bool,
 }
 
 /// Most identifier names listed in a purge answer.
@@ -137,7 +137,7 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
     )
 }
 
-pub async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Response<ProxyBody> {
     let text = |status: StatusCode, body: &'static str| text_response(status, body);
     if req.uri().path() == "/purge" {
         if req.method() != Method::POST {

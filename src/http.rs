@@ -13,30 +13,30 @@ use http::{HeaderMap, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 /// The body type used on both sides of the proxy.
-pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub(crate) type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// The `Cache-Status` header (RFC 9211).
-pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// A whole body from bytes.
-pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into()).map_err(|e| match e {}).boxed()
 }
 
 /// A JSON response.
-pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+pub(crate) fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     with_type(status, body, "application/json")
 }
 
 /// A plain-text response.
-pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+pub(crate) fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     with_type(status, body, "text/plain; charset=utf-8")
 }
 
 /// A response with a body of `content_type`.
-pub fn with_type(
+pub(crate) fn with_type(
     status: StatusCode,
     body: impl Into<Bytes>,
     content_type: &'static str,
@@ -49,7 +49,7 @@ pub fn with_type(
 }
 
 /// "outer: inner: innermost", skipping repeats, so the log and the client see the real cause.
-pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn StdError + 'static)) -> String {
     let mut parts: Vec<String> = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -75,7 +75,7 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the `Connection` header
 /// names. `Transfer-Encoding` is left to hyper, which re-frames a streamed body itself.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -93,7 +93,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Why a client's body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// `Content-Length` or the stream passed the limit (in bytes).
     TooLarge(u64),
     /// Not complete within the read timeout.
@@ -106,10 +106,10 @@ pub enum ReadError {
 
 /// Request-body bytes that may be held at once over all connections, one permit per byte.
 #[derive(Debug, Clone)]
-pub struct BodyBudget(Arc<Semaphore>);
+pub(crate) struct BodyBudget(Arc<Semaphore>);
 
 impl BodyBudget {
-    pub fn new(bytes: u64) -> BodyBudget {
+    pub(crate) fn new(bytes: u64) -> BodyBudget {
         let permits = usize::try_from(bytes)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
@@ -119,8 +119,8 @@ impl BodyBudget {
 
 /// A read body and its share of the [`BodyBudget`], given back when dropped.
 #[derive(Debug)]
-pub struct HeldBody {
-    pub bytes: Bytes,
+pub(crate) struct HeldBody {
+    pub(crate) bytes: Bytes,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -128,7 +128,7 @@ pub struct HeldBody {
 /// as soon as the stream does (never buffered past it), within `timeout`. The bytes it may hold
 /// are reserved from `budget` first (the declared length, or the limit for a body without
 /// one); when the budget is spent the read is refused at once.
-pub async fn read_body<B>(
+pub(crate) async fn read_body<B>(
     body: B,
     headers: &HeaderMap,
     limit: u64,
@@ -166,7 +166,7 @@ where
 
 /// A path as a lenient server may read it: percent-escapes decoded, ASCII lowercased, empty,
 /// `.` and `..` segments resolved, `;parameters` dropped, no trailing slash.
-pub fn canonical_path(path: &str) -> String {
+pub(crate) fn canonical_path(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -204,14 +204,14 @@ pub fn canonical_path(path: &str) -> String {
 
 /// A base URL (`upstream.url`): scheme, authority and an optional path prefix.
 #[derive(Debug, Clone)]
-pub struct BaseUrl {
+pub(crate) struct BaseUrl {
     scheme: Scheme,
     authority: Authority,
     prefix: String,
 }
 
 impl BaseUrl {
-    pub fn parse(url: &str) -> Result<BaseUrl, String> {
+    pub(crate) fn parse(url: &str) -> Result<BaseUrl, String> {
         let uri: Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
         let scheme = uri
             .scheme()
@@ -237,16 +237,10 @@ impl BaseUrl {
         })
     }
 
-    pub fn is_https(&self) -> bool {
-        self.scheme == Scheme::HTTPS
-    }
 
-    pub fn host(&self) -> &str {
-        self.authority.host()
-    }
 
     /// The full URI for a client's path and query; `None` when the result is not a valid URI.
-    pub fn uri_for(&self, path_and_query: &str) -> Option<Uri> {
+    pub(crate) fn uri_for(&self, path_and_query: &str) -> Option<Uri> {
         let pq: PathAndQuery = format!("{}{}", self.prefix, path_and_query).parse().ok()?;
         Uri::builder()
             .scheme(self.scheme.clone())

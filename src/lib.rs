@@ -27,25 +27,28 @@
 //!
 //! The library's public surface is the proxy ([`run`], [`Listeners`], [`config`]), and, for
 //! the benchmarks and fuzz targets, the wire format ([`api`]) and the cache tier ([`cache`]).
+//! Everything else is `pub(crate)`, and `unreachable_pub` keeps it so.
 
-pub mod admin;
+#![warn(unreachable_pub)]
+
+pub(crate) mod admin;
 pub mod api;
 pub mod cache;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
-pub mod fetch;
-pub mod fleet;
-pub mod http;
+pub(crate) mod fetch;
+pub(crate) mod fleet;
+pub(crate) mod http;
 pub mod logging;
-pub mod metrics;
-pub mod proxy;
-pub mod server;
-pub mod shield;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
+pub(crate) mod server;
+pub(crate) mod shield;
 #[cfg(feature = "demo")]
 pub mod simulate;
-pub mod trust;
-pub mod upstream;
+pub(crate) mod trust;
+pub(crate) mod upstream;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

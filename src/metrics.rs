@@ -11,18 +11,18 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-pub mod labels;
+pub(crate) mod labels;
 
-pub use labels::Label;
+pub(crate) use labels::Label;
 
 /// Buckets for request and upstream latencies, in seconds.
-pub const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
 
 /// Registers `c` and hands it back (for the struct being built).
-pub fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+pub(crate) fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
@@ -41,13 +41,13 @@ fn help_with<L: Label>(help: &str, name: &str) -> String {
 
 /// A counter family with one label of type `L`.
 #[derive(Debug, Clone)]
-pub struct Counter1<L: Label> {
+pub(crate) struct Counter1<L: Label> {
     vec: IntCounterVec,
     _label: std::marker::PhantomData<L>,
 }
 
 impl<L: Label> Counter1<L> {
-    pub fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+    pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
         let vec = IntCounterVec::new(Opts::new(name, help_with::<L>(help, L::NAME)), &[L::NAME])?;
         // Every series exists from the start, at 0, so rates work from the first scrape.
         for l in L::ALL {
@@ -58,28 +58,29 @@ impl<L: Label> Counter1<L> {
             _label: std::marker::PhantomData,
         })
     }
-    pub fn inc(&self, l: L) {
+    pub(crate) fn inc(&self, l: L) {
         self.vec.with_label_values(&[l.as_str()]).inc();
     }
-    pub fn inc_by(&self, l: L, n: u64) {
+    pub(crate) fn inc_by(&self, l: L, n: u64) {
         if n > 0 {
             self.vec.with_label_values(&[l.as_str()]).inc_by(n);
         }
     }
-    pub fn get(&self, l: L) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn get(&self, l: L) -> u64 {
         self.vec.with_label_values(&[l.as_str()]).get()
     }
 }
 
 /// A counter family with two labels.
 #[derive(Debug, Clone)]
-pub struct Counter2<A: Label, B: Label> {
+pub(crate) struct Counter2<A: Label, B: Label> {
     vec: IntCounterVec,
     _labels: std::marker::PhantomData<(A, B)>,
 }
 
 impl<A: Label, B: Label> Counter2<A, B> {
-    pub fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+    pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
         let help = format!(
             "{} ({}: {}; {}: {}).",
             help,
@@ -107,30 +108,27 @@ impl<A: Label, B: Label> Counter2<A, B> {
             _labels: std::marker::PhantomData,
         })
     }
-    pub fn inc(&self, a: A, b: B) {
+    pub(crate) fn inc(&self, a: A, b: B) {
         self.inc_by(a, b, 1);
     }
-    pub fn inc_by(&self, a: A, b: B, n: u64) {
+    pub(crate) fn inc_by(&self, a: A, b: B, n: u64) {
         if n > 0 {
             self.vec
                 .with_label_values(&[a.as_str(), b.as_str()])
                 .inc_by(n);
         }
     }
-    pub fn get(&self, a: A, b: B) -> u64 {
-        self.vec.with_label_values(&[a.as_str(), b.as_str()]).get()
-    }
 }
 
 /// A histogram family with one label.
 #[derive(Debug, Clone)]
-pub struct Histogram1<L: Label> {
+pub(crate) struct Histogram1<L: Label> {
     vec: HistogramVec,
     _label: std::marker::PhantomData<L>,
 }
 
 impl<L: Label> Histogram1<L> {
-    pub fn register(
+    pub(crate) fn register(
         r: &Registry,
         name: &str,
         help: &str,
@@ -147,13 +145,13 @@ impl<L: Label> Histogram1<L> {
             _label: std::marker::PhantomData,
         })
     }
-    pub fn observe(&self, l: L, v: f64) {
+    pub(crate) fn observe(&self, l: L, v: f64) {
         self.vec.with_label_values(&[l.as_str()]).observe(v);
     }
 }
 
 /// `tpns_cache_build_info{version}`: always 1.
-pub fn register_build_info(r: &Registry) -> prometheus::Result<()> {
+pub(crate) fn register_build_info(r: &Registry) -> prometheus::Result<()> {
     let g = IntGaugeVec::new(
         Opts::new("tpns_cache_build_info", "Always 1; labels name the build."),
         &["version"],
@@ -163,7 +161,7 @@ pub fn register_build_info(r: &Registry) -> prometheus::Result<()> {
 }
 
 /// The text exposition of everything in `registry`.
-pub fn encode(registry: &Registry) -> Vec<u8> {
+pub(crate) fn encode(registry: &Registry) -> Vec<u8> {
     let mut buf = Vec::new();
     // Encoding into a Vec only fails on invalid metric families, which `register` rejects.
     if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut buf) {

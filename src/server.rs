@@ -23,19 +23,19 @@ use crate::http::ProxyBody;
 
 /// Connection-level settings.
 #[derive(Clone)]
-pub struct ServeOptions {
+pub(crate) struct ServeOptions {
     /// The request head (and the TLS handshake) must arrive within this.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown is asked.
-    pub drain_grace: Duration,
+    pub(crate) drain_grace: Duration,
     /// Largest request head; larger ones get 431 (at least 8 KiB).
-    pub max_header_bytes: usize,
-    pub max_connections: usize,
-    pub tls: Option<TlsAcceptor>,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) tls: Option<TlsAcceptor>,
     /// A write to the client that makes no progress for this long ends the connection (as
     /// nginx's `send_timeout`: between two successive writes, not for a whole response), so a
     /// client that stops reading cannot hold a connection and its response forever.
-    pub write_timeout: Duration,
+    pub(crate) write_timeout: Duration,
 }
 
 impl std::fmt::Debug for ServeOptions {
@@ -65,7 +65,7 @@ impl Default for ServeOptions {
 }
 
 /// A TLS acceptor from PEM certificate chain and key files.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -89,7 +89,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then stops accepting and lets
 /// in-flight requests finish (up to `drain_grace`).
-pub async fn serve<F, Fut>(
+pub(crate) async fn serve<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     handler: F,

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 /// A keyed hash (HMAC-SHA256 under a key drawn at start-up) of one credential.
-pub type Fingerprint = [u8; 32];
+pub(crate) type Fingerprint = [u8; 32];
 
-pub struct Trust {
+pub(crate) struct Trust {
     accepted: moka::sync::Cache<Fingerprint, ()>,
     refused: moka::sync::Cache<Fingerprint, ()>,
 }
@@ -25,7 +25,7 @@ impl std::fmt::Debug for Trust {
 impl Trust {
     /// `accepted_max` credentials remembered as accepted for `accepted_ttl`; `refused_max` as
     /// refused for `refused_ttl`.
-    pub fn new(
+    pub(crate) fn new(
         accepted_ttl: Duration,
         accepted_max: u64,
         refused_ttl: Duration,
@@ -43,22 +43,22 @@ impl Trust {
         }
     }
 
-    pub fn is_accepted(&self, fp: &Fingerprint) -> bool {
+    pub(crate) fn is_accepted(&self, fp: &Fingerprint) -> bool {
         self.accepted.contains_key(fp)
     }
 
-    pub fn accept(&self, fp: Fingerprint) {
+    pub(crate) fn accept(&self, fp: Fingerprint) {
         self.accepted.insert(fp, ());
     }
 
     /// The upstream refused this credential: stop serving it from cache at once, and answer it
     /// locally for a while.
-    pub fn refuse(&self, fp: Fingerprint) {
+    pub(crate) fn refuse(&self, fp: Fingerprint) {
         self.accepted.invalidate(&fp);
         self.refused.insert(fp, ());
     }
 
-    pub fn is_refused(&self, fp: &Fingerprint) -> bool {
+    pub(crate) fn is_refused(&self, fp: &Fingerprint) -> bool {
         self.refused.contains_key(fp)
     }
 }

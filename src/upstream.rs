@@ -22,7 +22,7 @@ use crate::metrics::{register, Counter1, Counter2, LATENCY_BUCKETS};
 
 /// How an upstream call is authenticated.
 #[derive(Debug, Clone)]
-pub enum Auth {
+pub(crate) enum Auth {
     /// This `Authorization` value as it is (the client's Basic, or injected Basic).
     Header(http::HeaderValue),
     /// `AccessId`/`TimeStamp`/`Sign` computed for each body with this app's key.
@@ -31,7 +31,7 @@ pub enum Auth {
 
 impl Auth {
     /// Adds the credentials for a call with this `body`.
-    pub fn apply(&self, headers: &mut HeaderMap, body: &[u8]) {
+    pub(crate) fn apply(&self, headers: &mut HeaderMap, body: &[u8]) {
         match self {
             Auth::Header(v) => {
                 headers.insert(http::header::AUTHORIZATION, v.clone());
@@ -53,13 +53,13 @@ impl Auth {
     }
 
     /// Whether applying needs the whole body (signatures do).
-    pub fn needs_body(&self) -> bool {
+    pub(crate) fn needs_body(&self) -> bool {
         matches!(self, Auth::Sign { .. })
     }
 }
 
 /// Unix time in seconds.
-pub fn unix_seconds() -> i64 {
+pub(crate) fn unix_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -67,7 +67,7 @@ pub fn unix_seconds() -> i64 {
 
 /// The pooled client and the limits every call obeys.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     base: BaseUrl,
     timeout: Duration,
@@ -75,7 +75,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
+    pub(crate) fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
         let base = BaseUrl::parse(&cfg.url)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -100,16 +100,13 @@ impl Upstream {
         })
     }
 
-    pub fn base(&self) -> &BaseUrl {
+    pub(crate) fn base(&self) -> &BaseUrl {
         &self.base
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
 
     /// POSTs `body` and reads the whole answer, all within `upstream.timeout`.
-    pub async fn post(
+    pub(crate) async fn post(
         &self,
         path: &str,
         headers: HeaderMap,
@@ -151,7 +148,7 @@ impl Upstream {
 
     /// Sends a request whose body streams from the client; waits at most `upstream.timeout`
     /// for the answer's head. The answer's body is streamed back by the caller.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+    pub(crate) async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
         tokio::time::timeout(self.timeout, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
@@ -162,7 +159,7 @@ impl Upstream {
 impl Upstream {
     /// Sends a request and reads its whole answer (at most `upstream.max_response_bytes`), the
     /// head within `upstream.timeout` and the body within another.
-    pub async fn send_buffered(
+    pub(crate) async fn send_buffered(
         &self,
         req: Request<ProxyBody>,
     ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
@@ -181,15 +178,15 @@ impl Upstream {
 
 /// What the upstream client's calls are counted by.
 #[derive(Debug, Clone)]
-pub struct UpstreamMetrics {
-    pub calls: Counter2<Route, UpstreamOutcome>,
-    pub identifiers: Counter1<OpLabel>,
-    pub duration: prometheus::Histogram,
-    pub batch_size: prometheus::Histogram,
+pub(crate) struct UpstreamMetrics {
+    pub(crate) calls: Counter2<Route, UpstreamOutcome>,
+    pub(crate) identifiers: Counter1<OpLabel>,
+    pub(crate) duration: prometheus::Histogram,
+    pub(crate) batch_size: prometheus::Histogram,
 }
 
 impl UpstreamMetrics {
-    pub fn register(r: &prometheus::Registry) -> prometheus::Result<UpstreamMetrics> {
+    pub(crate) fn register(r: &prometheus::Registry) -> prometheus::Result<UpstreamMetrics> {
         use prometheus::{Histogram, HistogramOpts};
         Ok(UpstreamMetrics {
             calls: Counter2::register(

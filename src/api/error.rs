@@ -148,19 +148,19 @@ pub enum UpstreamError {
 
 /// What an upstream error means beyond its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamClass {
-    pub class: Class,
+pub(crate) struct UpstreamClass {
+    pub(crate) class: Class,
     /// The `outcome` label of `tpns_cache_upstream_requests_total`.
-    pub outcome: UpstreamOutcome,
+    pub(crate) outcome: UpstreamOutcome,
     /// Whether the circuit breaker counts it as the upstream failing: transport errors,
     /// timeouts, 5xx, 429 and malformed answers. Another 4xx is the upstream refusing one
     /// request (one client's oversized batch, say), not being down.
-    pub breaker_failure: bool,
+    pub(crate) breaker_failure: bool,
 }
 
 impl UpstreamError {
     /// Everything about this error, in one match.
-    pub fn classify(&self) -> UpstreamClass {
+    pub(crate) fn classify(&self) -> UpstreamClass {
         use UpstreamError as E;
         use UpstreamOutcome as O;
         let internal = code::INTERNAL_CALL_FAILED;

@@ -6,15 +6,15 @@ use crate::metrics::labels::{EvictionCause, InvalidationSource};
 use crate::metrics::{register, Counter1};
 
 #[derive(Debug, Clone)]
-pub struct CacheMetrics {
-    pub entries: IntGauge,
-    pub weighted_bytes: IntGauge,
-    pub evictions: Counter1<EvictionCause>,
-    pub invalidated: Counter1<InvalidationSource>,
+pub(crate) struct CacheMetrics {
+    pub(crate) entries: IntGauge,
+    pub(crate) weighted_bytes: IntGauge,
+    pub(crate) evictions: Counter1<EvictionCause>,
+    pub(crate) invalidated: Counter1<InvalidationSource>,
 }
 
 impl CacheMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<CacheMetrics> {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<CacheMetrics> {
         Ok(CacheMetrics {
             entries: register(
                 r,

@@ -14,8 +14,8 @@ pub mod entry;
 pub mod index;
 pub mod key;
 pub mod local;
-pub mod metrics;
-pub mod shared;
+pub(crate) mod metrics;
+pub(crate) mod shared;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use entry::{Clock, Entry, Lookup, Policy};
 pub use key::CacheKey;
 pub use local::{weigh, Store};
-pub use metrics::CacheMetrics;
+pub(crate) use metrics::CacheMetrics;
 
 use crate::api::answer::Answer;
 use crate::fleet::bus::{Bus, Invalidation};
@@ -32,7 +32,7 @@ use shared::SharedTier;
 
 /// What an invalidation names.
 #[derive(Debug, Clone, Copy)]
-pub enum Names<'a> {
+pub(crate) enum Names<'a> {
     /// A write to these tokens and accounts: their own entries, the entries their elements
     /// list, and the entries that list them (both directions).
     Written {
@@ -50,7 +50,7 @@ pub enum Names<'a> {
 
 /// What a lookup found for one key, over both tiers.
 #[derive(Debug)]
-pub enum Found {
+pub(crate) enum Found {
     /// Fresh in this sidecar's cache.
     Fresh(Arc<Entry>),
     /// Fresh in the fleet's shared tier (now in this sidecar's too, unless a write passed).
@@ -63,7 +63,7 @@ pub enum Found {
 }
 
 #[derive(Debug)]
-pub struct Cache {
+pub(crate) struct Cache {
     local: Store,
     fleet: Option<FleetTier>,
     metrics: CacheMetrics,
@@ -77,7 +77,7 @@ struct FleetTier {
 }
 
 impl Cache {
-    pub fn new(local: Store, metrics: CacheMetrics) -> Cache {
+    pub(crate) fn new(local: Store, metrics: CacheMetrics) -> Cache {
         Cache {
             local,
             fleet: None,
@@ -86,31 +86,23 @@ impl Cache {
     }
 
     /// Adds the fleet's shared tier (fleet mode). Call [`Cache::start_fleet`] once running.
-    pub fn with_fleet(mut self, shared: SharedTier, bus: Bus) -> Cache {
+    pub(crate) fn with_fleet(mut self, shared: SharedTier, bus: Bus) -> Cache {
         self.fleet = Some(FleetTier { shared, bus });
         self
     }
 
-    pub fn local(&self) -> &Store {
-        &self.local
-    }
-
-    pub fn metrics(&self) -> &CacheMetrics {
-        &self.metrics
-    }
-
-    pub fn clock(&self) -> &Clock {
+    pub(crate) fn clock(&self) -> &Clock {
         self.local.clock()
     }
 
     /// The app's write epoch (see [`index::Index::epoch`]).
-    pub fn epoch(&self, app: &Arc<str>) -> u64 {
+    pub(crate) fn epoch(&self, app: &Arc<str>) -> u64 {
         self.local.index().epoch(app)
     }
 
     /// Fleet mode: applies the other sidecars' invalidations, and retries failed generation
     /// moves every second. Runs until the process ends.
-    pub fn start_fleet(self: &Arc<Self>) {
+    pub(crate) fn start_fleet(self: &Arc<Self>) {
         let Some(fleet) = &self.fleet else {
             return;
         };
@@ -142,7 +134,7 @@ impl Cache {
     /// Looks `keys` (all of `app`, for a credential the upstream accepted) up in this sidecar,
     /// then what is missing in the shared tier (one round trip). A shared value is promoted
     /// into this sidecar's cache unless a write to the app passed meanwhile.
-    pub async fn lookup(&self, app: &Arc<str>, keys: &[CacheKey]) -> Vec<Found> {
+    pub(crate) async fn lookup(&self, app: &Arc<str>, keys: &[CacheKey]) -> Vec<Found> {
         let epoch = self.epoch(app);
         let now = self.local.clock().now();
         let mut found = Vec::with_capacity(keys.len());
@@ -181,7 +173,7 @@ impl Cache {
     /// Values of `keys` that another sidecar is fetching, once they appear in the shared tier:
     /// promoted as in [`Cache::lookup`] (if no write passed since `epoch`). `None` when the
     /// shared tier cannot be used.
-    pub async fn shared_values(
+    pub(crate) async fn shared_values(
         &self,
         app: &Arc<str>,
         keys: &[CacheKey],
@@ -210,14 +202,14 @@ impl Cache {
     /// Stores a fetched answer unless a write to its app happened since `epoch` (the answer
     /// may predate it). Returns the entry either way (the caller answers with it) and whether
     /// it was stored.
-    pub async fn store(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+    pub(crate) async fn store(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
         let (entry, discarded) = self.local.put_since(key, answer, epoch).await;
         (entry, !discarded)
     }
 
     /// Fleet mode: the app's generation, read before a fetch; what the fetch brings back is
     /// shared only under it. `None` without the shared tier or while it cannot be used.
-    pub async fn generation(&self, app: &Arc<str>) -> Option<u64> {
+    pub(crate) async fn generation(&self, app: &Arc<str>) -> Option<u64> {
         let fleet = self.fleet.as_ref()?;
         if !self.shared_usable(app).await {
             return None;
@@ -226,7 +218,7 @@ impl Cache {
     }
 
     /// Fleet mode: writes fetched entries to the shared tier under `generation`.
-    pub async fn share(&self, generation: u64, entries: &[(CacheKey, Arc<Entry>)]) {
+    pub(crate) async fn share(&self, generation: u64, entries: &[(CacheKey, Arc<Entry>)]) {
         if let Some(fleet) = &self.fleet {
             fleet
                 .shared
@@ -243,7 +235,7 @@ impl Cache {
     /// used everywhere) and the invalidation is published, then local entries go, and the epoch
     /// moves again (an answer memoized in between is not valid either). A generation that
     /// cannot be moved closes the app's shared values here until it can.
-    pub async fn invalidate(
+    pub(crate) async fn invalidate(
         &self,
         app: &Arc<str>,
         names: Names<'_>,
@@ -355,7 +347,7 @@ impl Cache {
     }
 
     /// Lets moka apply pending work and sets the size gauges (at each scrape).
-    pub async fn refresh_gauges(&self) {
+    pub(crate) async fn refresh_gauges(&self) {
         self.local.sync().await;
         self.metrics
             .entries

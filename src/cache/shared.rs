@@ -76,7 +76,7 @@ struct SharedValue {
 }
 
 /// A value found fresh in the shared tier, with the fresh time it has left.
-pub type SharedHit = (Answer, Duration);
+pub(crate) type SharedHit = (Answer, Duration);
 
 #[derive(Debug, Default)]
 struct Closed {
@@ -88,7 +88,7 @@ struct Closed {
 }
 
 #[derive(Debug)]
-pub struct SharedTier {
+pub(crate) struct SharedTier {
     link: Link,
     gen_read: redis::Script,
     gen_bump: redis::Script,
@@ -96,7 +96,7 @@ pub struct SharedTier {
 }
 
 impl SharedTier {
-    pub fn new(link: Link) -> SharedTier {
+    pub(crate) fn new(link: Link) -> SharedTier {
         SharedTier {
             link,
             gen_read: redis::Script::new(GEN_READ),
@@ -116,13 +116,13 @@ impl SharedTier {
 
     /// Whether `app` is closed (a generation move failed and has not been retried with
     /// success yet).
-    pub fn is_closed(&self, app: &str) -> bool {
+    pub(crate) fn is_closed(&self, app: &str) -> bool {
         let c = self.closed.lock();
         c.overflowed || c.apps.contains_key(app)
     }
 
     /// Closes `msg.app` until [`SharedTier::reopen`]; merges with what is already waiting.
-    pub fn close(&self, msg: Invalidation) {
+    pub(crate) fn close(&self, msg: Invalidation) {
         let mut c = self.closed.lock();
         if let Some(old) = c.apps.get_mut(&msg.app) {
             old.all |= msg.all;
@@ -143,16 +143,16 @@ impl SharedTier {
     }
 
     /// The invalidation waiting for `app`, if it is closed.
-    pub fn waiting(&self, app: &str) -> Option<Invalidation> {
+    pub(crate) fn waiting(&self, app: &str) -> Option<Invalidation> {
         self.closed.lock().apps.get(app).cloned()
     }
 
     /// Every app closed now.
-    pub fn closed_apps(&self) -> Vec<String> {
+    pub(crate) fn closed_apps(&self) -> Vec<String> {
         self.closed.lock().apps.keys().cloned().collect()
     }
 
-    pub fn reopen(&self, app: &str) {
+    pub(crate) fn reopen(&self, app: &str) {
         let mut c = self.closed.lock();
         c.apps.remove(app);
         if c.apps.is_empty() {
@@ -161,7 +161,7 @@ impl SharedTier {
     }
 
     /// Moves the app's generation; whether Redis took it.
-    pub async fn bump(&self, app: &str) -> bool {
+    pub(crate) async fn bump(&self, app: &str) -> bool {
         let invocation = self.gen_bump.key(self.gen_key(app));
         let moved: Option<String> = self.link.run_script(&invocation).await;
         moved.is_some()
@@ -170,7 +170,7 @@ impl SharedTier {
     /// The app's current generation, created when missing (`None` when Redis does not answer,
     /// holds something that is not a generation, or the app is closed: then nothing is shared
     /// for this call).
-    pub async fn generation(&self, app: &str) -> Option<u64> {
+    pub(crate) async fn generation(&self, app: &str) -> Option<u64> {
         if self.is_closed(app) {
             return None;
         }
@@ -183,7 +183,7 @@ impl SharedTier {
     /// fresh time, for values of the app's current generation that are still fresh. `None`
     /// when Redis does not answer or the generation is unknown (missing, not a number): then
     /// no shared value is used (fail closed). The caller checks [`SharedTier::is_closed`].
-    pub async fn lookup(&self, app: &str, keys: &[CacheKey]) -> Option<Vec<Option<SharedHit>>> {
+    pub(crate) async fn lookup(&self, app: &str, keys: &[CacheKey]) -> Option<Vec<Option<SharedHit>>> {
         let mut cmd = redis::cmd("MGET");
         cmd.arg(self.gen_key(app));
         for k in keys {
@@ -218,7 +218,7 @@ impl SharedTier {
 
     /// Writes fetched entries (fetched under generation `gen`), pipelined; counts what was
     /// written.
-    pub async fn write(
+    pub(crate) async fn write(
         &self,
         gen: u64,
         entries: &[(CacheKey, Arc<Entry>)],

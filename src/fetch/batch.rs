@@ -16,7 +16,7 @@ use crate::trust::Fingerprint;
 
 /// What flights must share to travel in one upstream call.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Scope {
+pub(crate) struct Scope {
     fingerprint: Fingerprint,
     access_id: Arc<str>,
     op: Op,
@@ -24,7 +24,7 @@ pub struct Scope {
 }
 
 impl Scope {
-    pub fn of(ctx: &RequestContext) -> Scope {
+    pub(crate) fn of(ctx: &RequestContext) -> Scope {
         Scope {
             fingerprint: ctx.fingerprint,
             access_id: ctx.access_id.clone(),
@@ -36,16 +36,16 @@ impl Scope {
 
 /// Flights to send in one upstream call.
 #[derive(Debug)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Numbered like flights (see [`super::flights::Flights::next_id`]).
-    pub id: u64,
-    pub ctx: Arc<RequestContext>,
-    pub items: Vec<NewFlight>,
+    pub(crate) id: u64,
+    pub(crate) ctx: Arc<RequestContext>,
+    pub(crate) items: Vec<NewFlight>,
     names: HashSet<Box<str>>,
 }
 
 impl Batch {
-    pub fn new(id: u64, ctx: Arc<RequestContext>, items: Vec<NewFlight>) -> Batch {
+    pub(crate) fn new(id: u64, ctx: Arc<RequestContext>, items: Vec<NewFlight>) -> Batch {
         Batch {
             id,
             ctx,
@@ -57,7 +57,7 @@ impl Batch {
 
 /// The batches being gathered.
 #[derive(Debug)]
-pub struct Batcher {
+pub(crate) struct Batcher {
     pending: Mutex<HashMap<Scope, Batch>>,
     max_batch: usize,
     /// Whether batches wait for a window (`shield.batch_window` > 0) or go at once.
@@ -66,15 +66,15 @@ pub struct Batcher {
 
 /// What [`Batcher::add`] decided.
 #[derive(Debug, Default)]
-pub struct Added {
+pub(crate) struct Added {
     /// Batches to send now (full, or closed by a repeated name, or no window).
-    pub ready: Vec<Batch>,
+    pub(crate) ready: Vec<Batch>,
     /// Batches opened now: each goes when its window ends ([`Batcher::due`]).
-    pub opened: Vec<u64>,
+    pub(crate) opened: Vec<u64>,
 }
 
 impl Batcher {
-    pub fn new(max_batch: usize, windowed: bool) -> Batcher {
+    pub(crate) fn new(max_batch: usize, windowed: bool) -> Batcher {
         Batcher {
             pending: Mutex::new(HashMap::new()),
             max_batch: max_batch.max(1),
@@ -84,7 +84,7 @@ impl Batcher {
 
     /// Adds `items` (all of `ctx`'s scope) to the batches being gathered; `next_id` numbers new
     /// batches.
-    pub fn add(
+    pub(crate) fn add(
         &self,
         ctx: &Arc<RequestContext>,
         items: Vec<NewFlight>,
@@ -123,7 +123,7 @@ impl Batcher {
     }
 
     /// The batch `id` of `ctx`'s scope, when its window ends (if it has not gone already).
-    pub fn due(&self, ctx: &RequestContext, id: u64) -> Option<Batch> {
+    pub(crate) fn due(&self, ctx: &RequestContext, id: u64) -> Option<Batch> {
         let scope = Scope::of(ctx);
         let mut pending = self.pending.lock();
         if pending.get(&scope).is_some_and(|b| b.id == id) {

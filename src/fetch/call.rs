@@ -27,19 +27,19 @@ use crate::upstream::{Upstream, UpstreamMetrics};
 
 /// What a batch's call needs, each handle owned here.
 #[derive(Debug)]
-pub struct Caller {
-    pub upstream: Upstream,
-    pub upstream_metrics: UpstreamMetrics,
-    pub shield: Shield,
-    pub cache: Arc<Cache>,
-    pub trust: Arc<Trust>,
+pub(crate) struct Caller {
+    pub(crate) upstream: Upstream,
+    pub(crate) upstream_metrics: UpstreamMetrics,
+    pub(crate) shield: Shield,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) trust: Arc<Trust>,
     /// Fleet mode: fetch leases.
-    pub leases: Option<Arc<Leases>>,
-    pub metrics: FetchMetrics,
+    pub(crate) leases: Option<Arc<Leases>>,
+    pub(crate) metrics: FetchMetrics,
     /// Top-level codes that still carry per-element results.
-    pub batch_codes: [i64; 5],
+    pub(crate) batch_codes: [i64; 5],
     /// Fleet mode: how long a sidecar waits for another one's fetch.
-    pub lease_for: Duration,
+    pub(crate) lease_for: Duration,
 }
 
 /// What one call brought back.
@@ -53,7 +53,7 @@ struct Fetched {
 
 impl Caller {
     /// Fetches one batch and resolves its flights.
-    pub async fn run(&self, batch: Batch) {
+    pub(crate) async fn run(&self, batch: Batch) {
         let token = self
             .leases
             .as_ref()

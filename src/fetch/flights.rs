@@ -18,7 +18,7 @@ use crate::cache::{CacheKey, Entry};
 use crate::trust::Fingerprint;
 
 /// What a flight lands with; shared by every waiter.
-pub type FlightResult = Result<Arc<Entry>, Arc<FetchError>>;
+pub(crate) type FlightResult = Result<Arc<Entry>, Arc<FetchError>>;
 
 type Slot = Option<FlightResult>;
 /// Flights are keyed by credential and key.
@@ -28,11 +28,11 @@ type InAir = (u64, watch::Receiver<Slot>);
 
 /// What a request waits on for one identifier.
 #[derive(Debug)]
-pub struct Waiter(watch::Receiver<Slot>);
+pub(crate) struct Waiter(watch::Receiver<Slot>);
 
 impl Waiter {
     /// The flight's result; an error if its sender went away without one.
-    pub async fn result(mut self) -> FlightResult {
+    pub(crate) async fn result(mut self) -> FlightResult {
         match self.0.wait_for(Option::is_some).await {
             Ok(v) => match &*v {
                 Some(r) => r.clone(),
@@ -51,37 +51,37 @@ fn lost() -> Arc<FetchError> {
 
 /// A flight this request started: the identifier to fetch, as the client wrote it.
 #[derive(Debug)]
-pub struct NewFlight {
-    pub key: CacheKey,
-    pub id: u64,
-    pub raw: Box<RawValue>,
+pub(crate) struct NewFlight {
+    pub(crate) key: CacheKey,
+    pub(crate) id: u64,
+    pub(crate) raw: Box<RawValue>,
     tx: watch::Sender<Slot>,
 }
 
 impl NewFlight {
     /// Hands the result to every waiter.
-    pub fn resolve(&self, result: FlightResult) {
+    pub(crate) fn resolve(&self, result: FlightResult) {
         let _ = self.tx.send(Some(result));
     }
 }
 
 /// The flights in the air.
 #[derive(Debug, Default)]
-pub struct Flights {
+pub(crate) struct Flights {
     map: Mutex<HashMap<FlightKey, InAir>>,
     ids: AtomicU64,
 }
 
 impl Flights {
     /// A number no flight or batch had before.
-    pub fn next_id(&self) -> u64 {
+    pub(crate) fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Under one lock: joins the flight of each key already in the air and starts one for the
     /// others. Returns a waiter per item, in order (and whether it joined), and the new
     /// flights. A flight whose sender is gone (its task ended without landing it) is replaced.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         fingerprint: Fingerprint,
         items: Vec<(CacheKey, Box<RawValue>)>,
@@ -110,7 +110,7 @@ impl Flights {
     }
 
     /// Removes a finished flight (only if it is still this flight).
-    pub fn land(&self, fingerprint: Fingerprint, key: CacheKey, id: u64) {
+    pub(crate) fn land(&self, fingerprint: Fingerprint, key: CacheKey, id: u64) {
         let mut map = self.map.lock();
         let fk = (fingerprint, key);
         if map.get(&fk).is_some_and(|(current, _)| *current == id) {
@@ -119,7 +119,7 @@ impl Flights {
     }
 
     /// Identifiers being fetched right now.
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.map.lock().len()
     }
 }
@@ -127,14 +127,14 @@ impl Flights {
 /// Lands flights when dropped, however the task holding it ends (a panic included): no key
 /// stays joined to a flight nobody will resolve.
 #[derive(Debug)]
-pub struct Landing {
+pub(crate) struct Landing {
     flights: Arc<Flights>,
     fingerprint: Fingerprint,
     list: Vec<(CacheKey, u64)>,
 }
 
 impl Landing {
-    pub fn of(flights: &Arc<Flights>, fingerprint: Fingerprint, new: &[NewFlight]) -> Landing {
+    pub(crate) fn of(flights: &Arc<Flights>, fingerprint: Fingerprint, new: &[NewFlight]) -> Landing {
         Landing {
             flights: flights.clone(),
             fingerprint,

@@ -5,14 +5,14 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use crate::metrics::register;
 
 #[derive(Debug, Clone)]
-pub struct FetchMetrics {
+pub(crate) struct FetchMetrics {
     /// Set at each scrape from the flights in the air.
-    pub inflight: IntGauge,
-    pub discarded: IntCounter,
+    pub(crate) inflight: IntGauge,
+    pub(crate) discarded: IntCounter,
 }
 
 impl FetchMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<FetchMetrics> {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<FetchMetrics> {
         Ok(FetchMetrics {
             inflight: register(
                 r,

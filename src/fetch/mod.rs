@@ -7,10 +7,10 @@
 //!   flights when done, so a client that disconnects cancels nothing for the others, and a
 //!   failure is shared by all waiters.
 
-pub mod batch;
-pub mod call;
-pub mod flights;
-pub mod metrics;
+pub(crate) mod batch;
+pub(crate) mod call;
+pub(crate) mod flights;
+pub(crate) mod metrics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,11 +28,11 @@ use batch::{Batch, Batcher};
 use call::Caller;
 use flights::{Flights, Landing, Waiter};
 
-pub use metrics::FetchMetrics;
+pub(crate) use metrics::FetchMetrics;
 
 /// Why a fetch gave no answer; shared by every waiter of the flight.
 #[derive(Debug)]
-pub enum FetchError {
+pub(crate) enum FetchError {
     /// The upstream refused the call as a whole (HTTP 200, non-batch `retCode`): its own body.
     Refused {
         ret_code: i64,
@@ -44,7 +44,7 @@ pub enum FetchError {
 impl FetchError {
     /// Whether a stale entry may stand in (stale-if-error): the upstream could not answer, but
     /// nothing says the credential is bad.
-    pub fn allows_stale(&self) -> bool {
+    pub(crate) fn allows_stale(&self) -> bool {
         match self {
             FetchError::Refused { ret_code, .. } => *ret_code == code::RATE_LIMITED,
             FetchError::Upstream(_) => true,
@@ -54,19 +54,19 @@ impl FetchError {
 
 /// The parts of a client request a batch needs (shared by its items).
 #[derive(Debug)]
-pub struct RequestContext {
-    pub fingerprint: Fingerprint,
-    pub access_id: Arc<str>,
-    pub op: Op,
-    pub top_scope: Option<Arc<str>>,
-    pub top_fields: Vec<(String, Box<RawValue>)>,
+pub(crate) struct RequestContext {
+    pub(crate) fingerprint: Fingerprint,
+    pub(crate) access_id: Arc<str>,
+    pub(crate) op: Op,
+    pub(crate) top_scope: Option<Arc<str>>,
+    pub(crate) top_fields: Vec<(String, Box<RawValue>)>,
     /// Headers of the upstream sub-request, without credentials.
-    pub headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     /// Credentials added to each call (signatures depend on the body).
-    pub auth: crate::upstream::Auth,
+    pub(crate) auth: crate::upstream::Auth,
 }
 
-pub struct Fetcher {
+pub(crate) struct Fetcher {
     flights: Arc<Flights>,
     batcher: Arc<Batcher>,
     caller: Arc<Caller>,
@@ -86,7 +86,7 @@ impl std::fmt::Debug for Fetcher {
 impl Fetcher {
     /// `window`: `shield.batch_window`; `max_batch`: `upstream.max_batch`; `timeout`:
     /// `upstream.timeout` (for the waiters' bound).
-    pub fn new(caller: Caller, window: Duration, max_batch: usize, timeout: Duration) -> Fetcher {
+    pub(crate) fn new(caller: Caller, window: Duration, max_batch: usize, timeout: Duration) -> Fetcher {
         let lease_wait = if caller.leases.is_some() {
             caller.lease_for
         } else {
@@ -109,22 +109,22 @@ impl Fetcher {
 
     /// How long a request waits for its flights before giving up: longer than the fetch it
     /// waits for can take.
-    pub fn wait_bound(&self) -> Duration {
+    pub(crate) fn wait_bound(&self) -> Duration {
         self.wait_bound
     }
 
-    pub fn caller(&self) -> &Caller {
+    pub(crate) fn caller(&self) -> &Caller {
         &self.caller
     }
 
     /// Identifiers being fetched right now.
-    pub fn inflight(&self) -> usize {
+    pub(crate) fn inflight(&self) -> usize {
         self.flights.count()
     }
 
     /// Joins or starts a flight for each `(key, element)`. Returns one waiter per item, in
     /// order, and whether it joined a flight already in the air.
-    pub fn fetch(
+    pub(crate) fn fetch(
         &self,
         ctx: &Arc<RequestContext>,
         items: Vec<(CacheKey, Box<RawValue>)>,
@@ -135,7 +135,7 @@ impl Fetcher {
     }
 
     /// Starts a background refresh for each key not already being fetched; how many started.
-    pub fn refresh(
+    pub(crate) fn refresh(
         &self,
         ctx: &Arc<RequestContext>,
         items: Vec<(CacheKey, Box<RawValue>)>,

@@ -11,42 +11,42 @@ use super::Link;
 
 /// One invalidation, as published.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Invalidation {
+pub(crate) struct Invalidation {
     /// The sidecar that published it.
     #[serde(rename = "o")]
-    pub origin: u64,
-    pub app: String,
-    pub tokens: Vec<String>,
-    pub accounts: Vec<String>,
+    pub(crate) origin: u64,
+    pub(crate) app: String,
+    pub(crate) tokens: Vec<String>,
+    pub(crate) accounts: Vec<String>,
     /// Every entry of the app (a purge of the whole app).
-    pub all: bool,
+    pub(crate) all: bool,
     /// Whether the sender moved the app's generation in the shared tier. When it could not,
     /// every sidecar that hears of it fails closed for the app too (see
     /// [`crate::cache::shared`]).
     #[serde(rename = "b", default)]
-    pub bumped: bool,
+    pub(crate) bumped: bool,
 }
 
 #[derive(Debug)]
-pub struct Bus {
+pub(crate) struct Bus {
     link: Link,
     channel: String,
 }
 
 impl Bus {
-    pub fn new(link: Link) -> Bus {
+    pub(crate) fn new(link: Link) -> Bus {
         Bus {
             channel: link.global("invalidate"),
             link,
         }
     }
 
-    pub fn origin(&self) -> u64 {
+    pub(crate) fn origin(&self) -> u64 {
         self.link.origin()
     }
 
     /// Publishes `msg`; whether Redis took it.
-    pub async fn publish(&self, msg: &Invalidation) -> bool {
+    pub(crate) async fn publish(&self, msg: &Invalidation) -> bool {
         let Ok(payload) = serde_json::to_string(msg) else {
             return false;
         };
@@ -58,7 +58,7 @@ impl Bus {
     }
 
     /// Hands every other sidecar's invalidation to `apply`, until the process ends.
-    pub fn subscribe<F, Fut>(&self, apply: F)
+    pub(crate) fn subscribe<F, Fut>(&self, apply: F)
     where
         F: Fn(Invalidation) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send,

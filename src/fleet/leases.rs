@@ -20,26 +20,26 @@ return n
 "#;
 
 #[derive(Debug)]
-pub struct Leases {
+pub(crate) struct Leases {
     link: Link,
     release: redis::Script,
 }
 
 impl Leases {
-    pub fn new(link: Link) -> Leases {
+    pub(crate) fn new(link: Link) -> Leases {
         Leases {
             link,
             release: redis::Script::new(RELEASE),
         }
     }
 
-    pub fn link(&self) -> &Link {
+    pub(crate) fn link(&self) -> &Link {
         &self.link
     }
 
     /// The value of this sidecar's leases for one batch: unique per batch, so a release never
     /// drops a lease taken later, by another sidecar or by another batch of this one.
-    pub fn token(&self, batch: u64) -> String {
+    pub(crate) fn token(&self, batch: u64) -> String {
         format!("{:016x}-{batch:x}", self.link.origin())
     }
 
@@ -51,7 +51,7 @@ impl Leases {
     /// Takes a lease on each key: `true` where this sidecar should fetch, `false` where another
     /// one is fetching it right now. `None` when Redis does not answer (then every key is this
     /// sidecar's to fetch).
-    pub async fn take(
+    pub(crate) async fn take(
         &self,
         keys: &[CacheKey],
         lease_for: Duration,
@@ -72,7 +72,7 @@ impl Leases {
     }
 
     /// Gives back the leases still holding `token`.
-    pub async fn release(&self, keys: &[CacheKey], token: &str) {
+    pub(crate) async fn release(&self, keys: &[CacheKey], token: &str) {
         if keys.is_empty() {
             return;
         }

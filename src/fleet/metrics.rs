@@ -6,16 +6,16 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use crate::metrics::register;
 
 #[derive(Debug, Clone)]
-pub struct FleetMetrics {
-    pub redis_up: IntGauge,
-    pub redis_errors: IntCounter,
-    pub fallbacks: IntCounter,
-    pub redis_writes: IntCounter,
-    pub lease_waits: IntCounter,
+pub(crate) struct FleetMetrics {
+    pub(crate) redis_up: IntGauge,
+    pub(crate) redis_errors: IntCounter,
+    pub(crate) fallbacks: IntCounter,
+    pub(crate) redis_writes: IntCounter,
+    pub(crate) lease_waits: IntCounter,
 }
 
 impl FleetMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<FleetMetrics> {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<FleetMetrics> {
         Ok(FleetMetrics {
             redis_up: register(
                 r,

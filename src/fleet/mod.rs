@@ -11,10 +11,10 @@
 //! reached yet each sidecar falls back (local quota share, own cache) and recovers by itself.
 //! State shows in metrics ([`metrics`]) and one log line per change.
 
-pub mod bus;
-pub mod leases;
-pub mod metrics;
-pub mod quota;
+pub(crate) mod bus;
+pub(crate) mod leases;
+pub(crate) mod metrics;
+pub(crate) mod quota;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,11 +23,11 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use metrics::FleetMetrics;
+pub(crate) use metrics::FleetMetrics;
 
 /// The connection to the fleet's Redis, shared by every fleet component.
 #[derive(Clone)]
-pub struct Link {
+pub(crate) struct Link {
     inner: Arc<LinkInner>,
 }
 
@@ -57,7 +57,7 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// Starts connecting in the background; returns at once.
-    pub fn start(
+    pub(crate) fn start(
         url: &str,
         timeout: Duration,
         prefix: &str,
@@ -113,28 +113,28 @@ impl Link {
         });
     }
 
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.inner.up.load(Ordering::Relaxed)
     }
 
-    pub fn metrics(&self) -> &FleetMetrics {
+    pub(crate) fn metrics(&self) -> &FleetMetrics {
         &self.inner.metrics
     }
 
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.inner.timeout
     }
 
-    pub fn origin(&self) -> u64 {
+    pub(crate) fn origin(&self) -> u64 {
         self.inner.origin
     }
 
-    pub fn client(&self) -> &redis::Client {
+    pub(crate) fn client(&self) -> &redis::Client {
         &self.inner.client
     }
 
     /// A Redis key under this fleet's prefix: `<prefix>:v1:<kind>:<upstream tag>[:<rest>]`.
-    pub fn key(&self, kind: &str, rest: &str) -> String {
+    pub(crate) fn key(&self, kind: &str, rest: &str) -> String {
         let (prefix, tag) = (&self.inner.prefix, &self.inner.tag);
         if rest.is_empty() {
             format!("{prefix}:v1:{kind}:{tag}")
@@ -144,7 +144,7 @@ impl Link {
     }
 
     /// A name under this fleet's prefix that no upstream qualifies (the invalidation channel).
-    pub fn global(&self, name: &str) -> String {
+    pub(crate) fn global(&self, name: &str) -> String {
         format!("{}:v1:{name}", self.inner.prefix)
     }
 
@@ -153,7 +153,7 @@ impl Link {
     }
 
     /// Runs a command with the timeout; a transport failure marks Redis down.
-    pub async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
+    pub(crate) async fn run<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
         let mut conn = self.connection()?;
         let result =
             tokio::time::timeout(self.inner.timeout, cmd.query_async::<T>(&mut conn)).await;
@@ -161,7 +161,7 @@ impl Link {
     }
 
     /// Runs a pipeline within `timeout`.
-    pub async fn run_pipe<T: redis::FromRedisValue>(
+    pub(crate) async fn run_pipe<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
         timeout: Duration,
@@ -173,7 +173,7 @@ impl Link {
 
     /// Runs a script with the timeout. A script's own error reply does not mark Redis down:
     /// Redis answered.
-    pub async fn run_script<T: redis::FromRedisValue>(
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Option<T> {
@@ -209,7 +209,7 @@ impl Link {
     }
 
     /// Records whether Redis answers; a change shows in `tpns_cache_redis_up` and the log.
-    pub fn mark(&self, up: bool) {
+    pub(crate) fn mark(&self, up: bool) {
         if self.inner.up.swap(up, Ordering::Relaxed) != up {
             self.inner.metrics.redis_up.set(i64::from(up));
             if up {
@@ -225,7 +225,7 @@ impl Link {
 
 /// Unix time in milliseconds (the shared tier's timestamps: every sidecar's clock agrees closely
 /// enough for freshness in seconds).
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -28,7 +28,7 @@ return 0
 
 /// Why the fleet quota gave no permit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denied {
+pub(crate) enum Denied {
     /// No room within the maximum wait; retry after this.
     Quota(Duration),
     /// Redis did not answer (down, slow, not connected yet): use the local fallback.
@@ -36,7 +36,7 @@ pub enum Denied {
 }
 
 #[derive(Debug)]
-pub struct FleetQuota {
+pub(crate) struct FleetQuota {
     link: Link,
     key: String,
     /// Emission interval in µs.
@@ -47,7 +47,7 @@ pub struct FleetQuota {
 
 impl FleetQuota {
     /// `None` when no rate is configured (unlimited: nothing to share).
-    pub fn new(link: Link, calls_per_second: u32, burst: u32) -> Option<FleetQuota> {
+    pub(crate) fn new(link: Link, calls_per_second: u32, burst: u32) -> Option<FleetQuota> {
         (calls_per_second > 0).then(|| FleetQuota {
             key: link.key("quota", ""),
             link,
@@ -57,12 +57,12 @@ impl FleetQuota {
         })
     }
 
-    pub fn link(&self) -> &Link {
+    pub(crate) fn link(&self) -> &Link {
         &self.link
     }
 
     /// A permit for one upstream call, waiting at most `max_wait`.
-    pub async fn acquire(&self, max_wait: Duration) -> Result<Duration, Denied> {
+    pub(crate) async fn acquire(&self, max_wait: Duration) -> Result<Duration, Denied> {
         let started = tokio::time::Instant::now();
         loop {
             let mut invocation = self.script.key(&self.key);

@@ -1,7 +1,7 @@
 //! Every label value a metric can carry: one enum per label, each with its fixed set.
 
 /// A metric label: its name and every value it takes.
-pub trait Label: Copy + std::fmt::Debug + Send + Sync + 'static {
+pub(crate) trait Label: Copy + std::fmt::Debug + Send + Sync + 'static {
     /// The label's name in the exposition.
     const NAME: &'static str;
     /// Every value, in the order help texts list them.
@@ -14,7 +14,7 @@ macro_rules! label {
     ($(#[$doc:meta])* $ty:ident, $name:literal, { $($(#[$vdoc:meta])* $variant:ident => $s:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $ty {
+        pub(crate) enum $ty {
             $($(#[$vdoc])* $variant),+
         }
         impl Label for $ty {
@@ -102,7 +102,7 @@ label!(
 );
 
 impl RetClass {
-    pub fn of_code(ret_code: i64) -> RetClass {
+    pub(crate) fn of_code(ret_code: i64) -> RetClass {
         use crate::api::code;
         match ret_code {
             code::OK => RetClass::Ok,
@@ -119,7 +119,7 @@ impl RetClass {
     }
 
     /// For a response whose body the proxy did not read.
-    pub fn of_status(status: http::StatusCode) -> RetClass {
+    pub(crate) fn of_status(status: http::StatusCode) -> RetClass {
         match status.as_u16() {
             200..=299 => RetClass::Http2xx,
             300..=399 => RetClass::Http3xx,

@@ -19,12 +19,12 @@ use http::{HeaderMap, HeaderValue};
 use sha2::Sha256;
 
 use crate::config::{AuthScheme, Keys};
-pub use crate::trust::Fingerprint;
+pub(crate) use crate::trust::Fingerprint;
 use crate::upstream::{unix_seconds, Auth as UpstreamAuth};
 
 /// What the client's headers say about who it is.
 #[derive(Debug, Clone)]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     /// HTTP Basic with a non-empty AccessID.
     Basic {
         access_id: Arc<str>,
@@ -49,7 +49,7 @@ pub enum ClientAuth {
 
 impl ClientAuth {
     /// The app and credential fingerprint the cache is scoped to; `None` when unscoped.
-    pub fn scope(&self) -> Option<(Arc<str>, Fingerprint)> {
+    pub(crate) fn scope(&self) -> Option<(Arc<str>, Fingerprint)> {
         match self {
             ClientAuth::Basic {
                 access_id,
@@ -70,7 +70,7 @@ impl ClientAuth {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unscoped {
+pub(crate) enum Unscoped {
     /// No `Authorization` header and no signature headers.
     NoCredentials,
     /// `AccessId`/`TimeStamp`/`Sign` headers of an app whose key the proxy does not hold.
@@ -79,19 +79,9 @@ pub enum Unscoped {
     Malformed,
 }
 
-impl Unscoped {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Unscoped::NoCredentials => "no-credentials",
-            Unscoped::Signature => "signature",
-            Unscoped::Malformed => "unrecognized-credentials",
-        }
-    }
-}
-
 /// The keys the proxy holds (to verify and re-sign signatures, to inject), and the key of the
 /// fingerprints.
-pub struct Credentials {
+pub(crate) struct Credentials {
     key: [u8; 32],
     keys: Keys,
     max_skew: std::time::Duration,
@@ -107,7 +97,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub fn new(keys: Keys, max_skew: std::time::Duration) -> Result<Credentials, getrandom::Error> {
+    pub(crate) fn new(keys: Keys, max_skew: std::time::Duration) -> Result<Credentials, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         Ok(Credentials {
@@ -117,7 +107,7 @@ impl Credentials {
         })
     }
 
-    pub fn classify(&self, headers: &HeaderMap) -> ClientAuth {
+    pub(crate) fn classify(&self, headers: &HeaderMap) -> ClientAuth {
         if ["sign", "accessid", "timestamp"]
             .iter()
             .any(|h| headers.contains_key(*h))
@@ -172,7 +162,7 @@ impl Credentials {
 
     /// Checks a signed request against the key the proxy holds: the timestamp within
     /// `auth.signature_max_skew`, the signature equal in constant time.
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         access_id: &str,
         timestamp: &str,
@@ -200,7 +190,7 @@ impl Credentials {
 
     /// The upstream credentials for a request classified as `auth` (`None` for unscoped ones,
     /// which are forwarded as they are).
-    pub fn upstream_auth(&self, auth: &ClientAuth, client: &HeaderMap) -> Option<UpstreamAuth> {
+    pub(crate) fn upstream_auth(&self, auth: &ClientAuth, client: &HeaderMap) -> Option<UpstreamAuth> {
         match auth {
             ClientAuth::Basic { .. } => {
                 client.get(AUTHORIZATION).cloned().map(UpstreamAuth::Header)
@@ -218,7 +208,7 @@ impl Credentials {
     }
 
     /// The injected credentials, if configured.
-    pub fn injection(&self) -> Option<UpstreamAuth> {
+    pub(crate) fn injection(&self) -> Option<UpstreamAuth> {
         let inj = self.keys.inject.as_ref()?;
         Some(match inj.scheme {
             AuthScheme::Basic => {

@@ -28,7 +28,7 @@ use crate::upstream::Auth as UpstreamAuth;
 
 /// The tokens and accounts a batchoperate body names (any operator type), or `None` when the
 /// body is not one (the upstream will refuse it; nothing to invalidate).
-pub fn named_identifiers(body: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
+pub(crate) fn named_identifiers(body: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let op = v.get("operator_type")?.as_i64()?;
     let mut tokens = Vec::new();
@@ -119,7 +119,7 @@ fn app_of(
     }
 }
 
-pub async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let (app, trusted, inject) = app_of(proxy, &req);
     let (parts, body) = req.into_parts();

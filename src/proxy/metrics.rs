@@ -6,15 +6,15 @@ use crate::metrics::labels::{BypassReason, RequestOutcome, RetClass, Route};
 use crate::metrics::{Counter1, Counter2, Histogram1};
 
 #[derive(Debug, Clone)]
-pub struct ProxyMetrics {
-    pub requests: Counter2<Route, RequestOutcome>,
-    pub duration: Histogram1<Route>,
-    pub responses: Counter2<Route, RetClass>,
-    pub bypass: Counter1<BypassReason>,
+pub(crate) struct ProxyMetrics {
+    pub(crate) requests: Counter2<Route, RequestOutcome>,
+    pub(crate) duration: Histogram1<Route>,
+    pub(crate) responses: Counter2<Route, RetClass>,
+    pub(crate) bypass: Counter1<BypassReason>,
 }
 
 impl ProxyMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<ProxyMetrics> {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<ProxyMetrics> {
         Ok(ProxyMetrics {
             requests: Counter2::register(
                 r,
@@ -41,7 +41,7 @@ impl ProxyMetrics {
     }
 
     /// One request done.
-    pub fn request(&self, route: Route, outcome: RequestOutcome, seconds: f64) {
+    pub(crate) fn request(&self, route: Route, outcome: RequestOutcome, seconds: f64) {
         self.requests.inc(route, outcome);
         self.duration.observe(route, seconds);
     }

@@ -5,12 +5,12 @@
 //! unchanged ([`passthrough`]). Who is asking is [`auth`]'s to say; what the cache did is
 //! [`status`]'s to render.
 
-pub mod auth;
-pub mod batchoperate;
-pub mod metrics;
-pub mod passthrough;
-pub mod query;
-pub mod status;
+pub(crate) mod auth;
+pub(crate) mod batchoperate;
+pub(crate) mod metrics;
+pub(crate) mod passthrough;
+pub(crate) mod query;
+pub(crate) mod status;
 
 use std::sync::Arc;
 
@@ -30,35 +30,35 @@ use crate::metrics::labels::{RetClass, Route};
 use crate::trust::Trust;
 use crate::upstream::{Upstream, UpstreamMetrics};
 
-pub use metrics::ProxyMetrics;
-pub use query::QueryMetrics;
+pub(crate) use metrics::ProxyMetrics;
+pub(crate) use query::QueryMetrics;
 
 /// What a request can reach: each component owns its own handles.
 #[derive(Debug)]
-pub struct Proxy {
-    pub config: Config,
+pub(crate) struct Proxy {
+    pub(crate) config: Config,
     /// `upstream.url`, shared by every cache key.
-    pub upstream_id: Arc<str>,
-    pub credentials: auth::Credentials,
-    pub trust: Arc<Trust>,
-    pub cache: Arc<Cache>,
-    pub fetcher: Fetcher,
-    pub memo: Option<query::memo::Memo>,
+    pub(crate) upstream_id: Arc<str>,
+    pub(crate) credentials: auth::Credentials,
+    pub(crate) trust: Arc<Trust>,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) fetcher: Fetcher,
+    pub(crate) memo: Option<query::memo::Memo>,
     /// For forwarding (the fetcher holds its own).
-    pub upstream: Upstream,
-    pub upstream_metrics: UpstreamMetrics,
-    pub body_budget: BodyBudget,
-    pub metrics: ProxyMetrics,
-    pub query_metrics: QueryMetrics,
+    pub(crate) upstream: Upstream,
+    pub(crate) upstream_metrics: UpstreamMetrics,
+    pub(crate) body_budget: BodyBudget,
+    pub(crate) metrics: ProxyMetrics,
+    pub(crate) query_metrics: QueryMetrics,
 }
 
 /// The TPNS `retCode` of a response, where the proxy knows it (a response extension read by
 /// the router for `tpns_cache_responses_total`).
 #[derive(Debug, Clone, Copy)]
-pub struct RetCode(pub i64);
+pub(crate) struct RetCode(pub i64);
 
 /// Routes one request.
-pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let is_post = req.method() == Method::POST;
     let (route, resp) = if is_post && req.uri().path() == QUERY_PATH {
         (Route::Query, query::handle(&proxy, req).await)
@@ -79,7 +79,7 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Proxy
 
 impl Proxy {
     /// Reads a client's body within `limits.*` (see [`crate::http::read_body`]).
-    pub async fn read_body(
+    pub(crate) async fn read_body(
         &self,
         body: Incoming,
         headers: &HeaderMap,
@@ -105,12 +105,12 @@ impl Proxy {
 }
 
 /// The TPNS-shaped answer for a request the proxy refuses itself.
-pub fn error_response(shape: ErrorShape, e: &ClientError) -> Response<ProxyBody> {
+pub(crate) fn error_response(shape: ErrorShape, e: &ClientError) -> Response<ProxyBody> {
     answer(e.class(), e.body(shape))
 }
 
 /// The TPNS-shaped answer for an upstream that could not answer.
-pub fn upstream_error_response(shape: ErrorShape, e: &UpstreamError) -> Response<ProxyBody> {
+pub(crate) fn upstream_error_response(shape: ErrorShape, e: &UpstreamError) -> Response<ProxyBody> {
     answer(e.class(), e.body(shape))
 }
 

@@ -23,7 +23,7 @@ use crate::upstream::Auth as UpstreamAuth;
 
 /// A path the proxy does not cache: forwarded unchanged (adding the injected credentials to a
 /// request that arrives with none, when injection is configured).
-pub async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let inject = match proxy.credentials.classify(req.headers()) {
         super::auth::ClientAuth::Injected { .. } => proxy.credentials.injection(),
@@ -47,7 +47,7 @@ fn route_of(path: &str) -> Route {
 /// Forwards `req` unchanged but for the injected credentials `inject` (for a request that
 /// arrived with none), with `status` as its `Cache-Status`. A signature covers the body, so a
 /// signed injection reads it first (bounded).
-pub async fn forward_as_is(
+pub(crate) async fn forward_as_is(
     proxy: &Arc<Proxy>,
     req: Request<Incoming>,
     inject: Option<&UpstreamAuth>,
@@ -154,19 +154,19 @@ fn failed(
 
 /// A forwarded request whose answer was read whole.
 #[derive(Debug)]
-pub struct Read {
-    pub response: Response<ProxyBody>,
-    pub outcome: RequestOutcome,
+pub(crate) struct Read {
+    pub(crate) response: Response<ProxyBody>,
+    pub(crate) outcome: RequestOutcome,
     /// The answer's HTTP status, when the upstream answered.
-    pub status: Option<http::StatusCode>,
+    pub(crate) status: Option<http::StatusCode>,
     /// The answer's TPNS code (`retCode` or `ret_code`), when it has one.
-    pub ret_code: Option<i64>,
+    pub(crate) ret_code: Option<i64>,
 }
 
 /// Forwards a request whose body was already read, and reads the whole answer (bounded by
 /// `upstream.max_response_bytes`): where the proxy must look at both (writes that invalidate,
 /// queries too large to key).
-pub async fn forward_read(
+pub(crate) async fn forward_read(
     proxy: &Arc<Proxy>,
     parts: http::request::Parts,
     body: Bytes,

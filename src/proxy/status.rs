@@ -7,22 +7,22 @@ use crate::metrics::labels::BypassReason;
 use crate::metrics::Label;
 
 /// Our cache's name in `Cache-Status`.
-pub const CACHE_NAME: &str = "tpns-cache";
+pub(crate) const CACHE_NAME: &str = "tpns-cache";
 
 /// How many distinct identifiers came from where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Served {
+pub(crate) struct Served {
     /// Answered from the cache (fresh, stale, or shared).
-    pub from_cache: usize,
-    pub total: usize,
+    pub(crate) from_cache: usize,
+    pub(crate) total: usize,
     /// Of those, past their lifetime.
-    pub stale: usize,
+    pub(crate) stale: usize,
     /// Stale ones stood in because the upstream could not answer (stale-if-error).
-    pub upstream_unavailable: bool,
+    pub(crate) upstream_unavailable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
+pub(crate) enum CacheStatus {
     /// Every identifier from the cache: `hit; detail="hit 3/3"`.
     Hit(Served),
     /// Some from the cache, the rest fetched: `fwd=partial; detail="hit 2/3"`.
@@ -49,7 +49,7 @@ pub enum CacheStatus {
 
 impl CacheStatus {
     /// The parameters after `tpns-cache; `.
-    pub fn params(&self) -> String {
+    pub(crate) fn params(&self) -> String {
         let served = |s: &Served| {
             let mut d = format!("hit {}/{}", s.from_cache, s.total);
             if s.stale > 0 {
@@ -78,7 +78,7 @@ impl CacheStatus {
     }
 
     /// The header value: `tpns-cache; <params>`.
-    pub fn header(&self) -> HeaderValue {
+    pub(crate) fn header(&self) -> HeaderValue {
         HeaderValue::from_str(&format!("{CACHE_NAME}; {}", self.params()))
             .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
     }

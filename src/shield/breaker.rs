@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     Closed,
     HalfOpen,
     Open,
@@ -18,7 +18,7 @@ pub enum BreakerState {
 
 impl BreakerState {
     /// Gauge value: 0 closed, 1 half-open, 2 open.
-    pub fn as_gauge(self) -> i64 {
+    pub(crate) fn as_gauge(self) -> i64 {
         match self {
             BreakerState::Closed => 0,
             BreakerState::HalfOpen => 1,
@@ -35,7 +35,7 @@ enum Inner {
 }
 
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     inner: Mutex<Inner>,
     threshold: u32,
     open_for: Duration,
@@ -44,7 +44,7 @@ pub struct Breaker {
 /// Permission to make one call; report its outcome with [`Permit::record`]. A probe permit
 /// dropped without a record (the call never went out) lets the next call probe instead.
 #[derive(Debug)]
-pub struct Permit<'a> {
+pub(crate) struct Permit<'a> {
     breaker: &'a Breaker,
     probe: bool,
     recorded: bool,
@@ -52,7 +52,7 @@ pub struct Permit<'a> {
 
 impl Permit<'_> {
     /// Returns whether this call changed the breaker's state (for logs and metrics).
-    pub fn record(mut self, success: bool) -> Option<BreakerState> {
+    pub(crate) fn record(mut self, success: bool) -> Option<BreakerState> {
         self.recorded = true;
         self.breaker.record(success, self.probe)
     }
@@ -71,7 +71,7 @@ impl Drop for Permit<'_> {
 
 impl Breaker {
     /// `threshold` 0 disables the breaker.
-    pub fn new(threshold: u32, open_for: Duration) -> Breaker {
+    pub(crate) fn new(threshold: u32, open_for: Duration) -> Breaker {
         Breaker {
             inner: Mutex::new(Inner::Closed { failures: 0 }),
             threshold,
@@ -79,7 +79,7 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         match &*self.inner.lock() {
             Inner::Closed { .. } => BreakerState::Closed,
             Inner::HalfOpen { .. } => BreakerState::HalfOpen,
@@ -89,7 +89,7 @@ impl Breaker {
     }
 
     /// A permit, or how long until the breaker lets a probe through.
-    pub fn allow(&self) -> Result<Permit<'_>, Duration> {
+    pub(crate) fn allow(&self) -> Result<Permit<'_>, Duration> {
         let mut inner = self.inner.lock();
         let now = Instant::now();
         let probe = match &mut *inner {

@@ -13,18 +13,18 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 
 /// Limits from `shield.*` (0 = that limit is off).
 #[derive(Debug, Clone, Copy)]
-pub struct LimiterConfig {
-    pub calls_per_second: u32,
-    pub burst: u32,
-    pub per_app_calls_per_second: u32,
-    pub identifiers_per_second: u32,
-    pub max_wait: Duration,
-    pub max_queue: usize,
+pub(crate) struct LimiterConfig {
+    pub(crate) calls_per_second: u32,
+    pub(crate) burst: u32,
+    pub(crate) per_app_calls_per_second: u32,
+    pub(crate) identifiers_per_second: u32,
+    pub(crate) max_wait: Duration,
+    pub(crate) max_queue: usize,
 }
 
 /// Why a permit was refused (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denied {
+pub(crate) enum Denied {
     /// `max_queue` calls are already waiting.
     QueueFull,
     /// The next permit comes later than `max_wait` from now.
@@ -32,13 +32,7 @@ pub enum Denied {
 }
 
 impl Denied {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Denied::QueueFull => "queue_full",
-            Denied::MaxWait(_) => "max_wait",
-        }
-    }
-    pub fn retry_after(self) -> Duration {
+    pub(crate) fn retry_after(self) -> Duration {
         match self {
             Denied::QueueFull => Duration::from_secs(1),
             Denied::MaxWait(d) => d.max(Duration::from_secs(1)),
@@ -46,7 +40,7 @@ impl Denied {
     }
 }
 
-pub struct UpstreamLimiter {
+pub(crate) struct UpstreamLimiter {
     global: Option<DefaultDirectRateLimiter>,
     per_app: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     identifiers: Option<(DefaultDirectRateLimiter, u32)>,
@@ -76,7 +70,7 @@ fn quota(per_second: u32, burst: u32) -> Option<Quota> {
 }
 
 impl UpstreamLimiter {
-    pub fn new(c: LimiterConfig) -> UpstreamLimiter {
+    pub(crate) fn new(c: LimiterConfig) -> UpstreamLimiter {
         UpstreamLimiter {
             global: quota(c.calls_per_second, c.burst).map(RateLimiter::direct),
             per_app: quota(c.per_app_calls_per_second, c.burst).map(RateLimiter::keyed),
@@ -90,20 +84,17 @@ impl UpstreamLimiter {
         }
     }
 
-    /// Calls currently waiting for a permit.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
-    }
 
     /// Waits for a permit for one call of `identifiers` identifiers for `app`.
     /// Returns how long it waited.
-    pub async fn acquire(&self, app: &Arc<str>, identifiers: usize) -> Result<Duration, Denied> {
+    #[cfg(test)]
+    pub(crate) async fn acquire(&self, app: &Arc<str>, identifiers: usize) -> Result<Duration, Denied> {
         self.acquire_within(app, identifiers, self.max_wait).await
     }
 
     /// [`UpstreamLimiter::acquire`], waiting at most `max_wait` (what is left of a wait shared
     /// with other limiters).
-    pub async fn acquire_within(
+    pub(crate) async fn acquire_within(
         &self,
         app: &Arc<str>,
         identifiers: usize,

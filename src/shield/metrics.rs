@@ -6,16 +6,16 @@ use crate::metrics::labels::RejectReason;
 use crate::metrics::{register, Counter1, LATENCY_BUCKETS};
 
 #[derive(Debug, Clone)]
-pub struct ShieldMetrics {
-    pub limiter_wait_seconds: Histogram,
-    pub limiter_rejections: Counter1<RejectReason>,
-    pub breaker_state: IntGauge,
-    pub breaker_opens: IntCounter,
-    pub retries: IntCounter,
+pub(crate) struct ShieldMetrics {
+    pub(crate) limiter_wait_seconds: Histogram,
+    pub(crate) limiter_rejections: Counter1<RejectReason>,
+    pub(crate) breaker_state: IntGauge,
+    pub(crate) breaker_opens: IntCounter,
+    pub(crate) retries: IntCounter,
 }
 
 impl ShieldMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<ShieldMetrics> {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<ShieldMetrics> {
         Ok(ShieldMetrics {
             limiter_wait_seconds: register(
                 r,

@@ -10,10 +10,10 @@
 //!   then this sidecar's limiter ([`limiter`]);
 //! - for a retry after a connection error: the retry budget ([`retry`]), then the same quotas.
 
-pub mod breaker;
-pub mod limiter;
-pub mod metrics;
-pub mod retry;
+pub(crate) mod breaker;
+pub(crate) mod limiter;
+pub(crate) mod metrics;
+pub(crate) mod retry;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,10 +30,10 @@ use breaker::{Breaker, BreakerState, Permit};
 use limiter::{Denied, LimiterConfig, UpstreamLimiter};
 use retry::RetryBudget;
 
-pub use metrics::ShieldMetrics;
+pub(crate) use metrics::ShieldMetrics;
 
 /// A keyed hash of one credential (see [`crate::proxy::auth`]).
-pub type Fingerprint = [u8; 32];
+pub(crate) type Fingerprint = [u8; 32];
 
 /// Most cool-downs remembered at once (apps of accepted credentials, and credentials).
 const MAX_COOLDOWNS: usize = 10_000;
@@ -47,17 +47,17 @@ enum Cooled {
 
 /// One upstream call the shield is asked about.
 #[derive(Debug, Clone, Copy)]
-pub struct Call<'a> {
-    pub app: &'a Arc<str>,
-    pub credential: &'a Fingerprint,
-    pub identifiers: usize,
+pub(crate) struct Call<'a> {
+    pub(crate) app: &'a Arc<str>,
+    pub(crate) credential: &'a Fingerprint,
+    pub(crate) identifiers: usize,
     /// Whether the upstream has accepted the credential recently.
-    pub verified: bool,
+    pub(crate) verified: bool,
 }
 
 /// Which attempt of a call is asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempt {
+pub(crate) enum Attempt {
     First,
     /// After a connection error: only within the retry budget.
     Retry,
@@ -66,13 +66,13 @@ pub enum Attempt {
 /// Permission for a call. For a first attempt it carries the breaker's permit, which
 /// [`Shield::record`] settles.
 #[derive(Debug)]
-pub struct Admission<'a> {
+pub(crate) struct Admission<'a> {
     permit: Option<Permit<'a>>,
 }
 
 /// How a call went, as the shield counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The upstream answered (per-element results, or a refusal of the whole call other than
     /// 1008028): it is up.
     Answered,
@@ -82,7 +82,7 @@ pub enum Outcome {
     Failed { breaker_failure: bool },
 }
 
-pub struct Shield {
+pub(crate) struct Shield {
     cooldowns: Mutex<HashMap<Cooled, tokio::time::Instant>>,
     cooldown: Duration,
     breaker: Breaker,
@@ -107,7 +107,7 @@ impl std::fmt::Debug for Shield {
 
 impl Shield {
     /// The shield for `config`; `fleet` carries the fleet's quota in fleet mode.
-    pub fn new(config: &Config, fleet: Option<FleetQuota>, metrics: ShieldMetrics) -> Shield {
+    pub(crate) fn new(config: &Config, fleet: Option<FleetQuota>, metrics: ShieldMetrics) -> Shield {
         let s = &config.shield;
         let local = if fleet.is_some() {
             config.redis.local_share
@@ -168,7 +168,7 @@ impl Shield {
 
     /// Whether `call` may go now (after at most `shield.max_wait` for its quotas). Refusals
     /// are counted and carry what the client is told.
-    pub async fn admit(
+    pub(crate) async fn admit(
         &self,
         call: &Call<'_>,
         attempt: Attempt,
@@ -259,7 +259,7 @@ impl Shield {
     /// Settles a first attempt's admission: the breaker counts the outcome, and an upstream
     /// 1008028 starts a cool-down (of the app for a verified credential, else of the
     /// credential alone).
-    pub fn record(&self, admission: Admission<'_>, call: &Call<'_>, outcome: Outcome) {
+    pub(crate) fn record(&self, admission: Admission<'_>, call: &Call<'_>, outcome: Outcome) {
         if outcome == Outcome::RateLimited {
             self.start_cooldown(if call.verified {
                 Cooled::App(call.app.clone())
@@ -287,7 +287,7 @@ impl Shield {
     }
 
     /// Time left in the cool-down of `app` or of `credential`, if either is in one.
-    pub fn cooldown_left(&self, app: &Arc<str>, credential: &Fingerprint) -> Option<Duration> {
+    pub(crate) fn cooldown_left(&self, app: &Arc<str>, credential: &Fingerprint) -> Option<Duration> {
         let now = tokio::time::Instant::now();
         let map = self.cooldowns.lock();
         [Cooled::App(app.clone()), Cooled::Credential(*credential)]
@@ -312,16 +312,16 @@ impl Shield {
         }
     }
 
-    pub fn breaker_state(&self) -> BreakerState {
+    pub(crate) fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
     }
 
     /// Longest a call may wait for its quotas.
-    pub fn max_wait(&self) -> Duration {
+    pub(crate) fn max_wait(&self) -> Duration {
         self.max_wait
     }
 
-    pub fn metrics(&self) -> &ShieldMetrics {
+    pub(crate) fn metrics(&self) -> &ShieldMetrics {
         &self.metrics
     }
 }

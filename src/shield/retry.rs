@@ -9,13 +9,13 @@ const MAX_BALANCE: f64 = 10.0;
 const INITIAL_BALANCE: f64 = 1.0;
 
 #[derive(Debug)]
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     balance: Mutex<f64>,
     ratio: f64,
 }
 
 impl RetryBudget {
-    pub fn new(ratio: f64) -> RetryBudget {
+    pub(crate) fn new(ratio: f64) -> RetryBudget {
         RetryBudget {
             balance: Mutex::new(if ratio > 0.0 { INITIAL_BALANCE } else { 0.0 }),
             ratio: ratio.max(0.0),
@@ -23,13 +23,13 @@ impl RetryBudget {
     }
 
     /// An original (non-retry) call was made.
-    pub fn deposit(&self) {
+    pub(crate) fn deposit(&self) {
         let mut b = self.balance.lock();
         *b = (*b + self.ratio).min(MAX_BALANCE);
     }
 
     /// Spends one retry if the budget has it.
-    pub fn try_withdraw(&self) -> bool {
+    pub(crate) fn try_withdraw(&self) -> bool {
         let mut b = self.balance.lock();
         if *b >= 1.0 {
             *b -= 1.0;

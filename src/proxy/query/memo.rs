@@ -25,22 +25,22 @@ struct MemoKey {
 
 /// A memoized answer.
 #[derive(Debug)]
-pub struct Memoized {
-    pub body: Bytes,
-    pub cache_status: CacheStatus,
-    pub ret_code: i64,
+pub(crate) struct Memoized {
+    pub(crate) body: Bytes,
+    pub(crate) cache_status: CacheStatus,
+    pub(crate) ret_code: i64,
     /// The earliest end of the fresh periods of the entries it was stitched from.
-    pub fresh_until: Instant,
+    pub(crate) fresh_until: Instant,
     /// The app's write epoch when those entries were read.
-    pub epoch: u64,
-    pub access_id: Arc<str>,
-    pub op: Op,
+    pub(crate) epoch: u64,
+    pub(crate) access_id: Arc<str>,
+    pub(crate) op: Op,
     /// Distinct identifiers it answers, positive and not-found (for the lookup metrics).
-    pub hits: u64,
-    pub negative_hits: u64,
+    pub(crate) hits: u64,
+    pub(crate) negative_hits: u64,
 }
 
-pub struct Memo {
+pub(crate) struct Memo {
     cache: moka::sync::Cache<MemoKey, Arc<Memoized>, foldhash::fast::RandomState>,
 }
 
@@ -54,7 +54,7 @@ impl std::fmt::Debug for Memo {
 
 impl Memo {
     /// `None` when `max_bytes` is 0 (memo off).
-    pub fn new(max_bytes: u64, longest_lifetime: Duration) -> Option<Memo> {
+    pub(crate) fn new(max_bytes: u64, longest_lifetime: Duration) -> Option<Memo> {
         if max_bytes == 0 {
             return None;
         }
@@ -70,7 +70,7 @@ impl Memo {
 
     /// The memoized answer for this credential and body, if one is still valid at `now` for
     /// an app whose current write epoch is given by `epoch_of`.
-    pub fn get(
+    pub(crate) fn get(
         &self,
         fingerprint: &[u8; 32],
         body: &Bytes,
@@ -90,14 +90,11 @@ impl Memo {
         }
     }
 
-    pub fn put(&self, fingerprint: [u8; 32], body: Bytes, m: Memoized) {
+    pub(crate) fn put(&self, fingerprint: [u8; 32], body: Bytes, m: Memoized) {
         self.cache
             .insert(MemoKey { fingerprint, body }, Arc::new(m));
     }
 
-    pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
-    }
 }
 
 #[cfg(test)]

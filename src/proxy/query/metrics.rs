@@ -7,15 +7,15 @@ use crate::metrics::labels::{LookupOutcome, OpLabel, StaleReason};
 use crate::metrics::{register, Counter1, Counter2};
 
 #[derive(Debug, Clone)]
-pub struct QueryMetrics {
-    pub lookups: Counter2<OpLabel, LookupOutcome>,
-    pub stale_served: Counter1<StaleReason>,
-    pub refreshes: IntCounter,
-    pub memo_hits: IntCounter,
+pub(crate) struct QueryMetrics {
+    pub(crate) lookups: Counter2<OpLabel, LookupOutcome>,
+    pub(crate) stale_served: Counter1<StaleReason>,
+    pub(crate) refreshes: IntCounter,
+    pub(crate) memo_hits: IntCounter,
 }
 
 impl QueryMetrics {
-    pub fn register(r: &Registry) -> prometheus::Result<QueryMetrics> {
+    pub(crate) fn register(r: &Registry) -> prometheus::Result<QueryMetrics> {
         Ok(QueryMetrics {
             lookups: Counter2::register(
                 r,

@@ -12,30 +12,27 @@
 //!
 //! A [`QueryOutcome`] gathers what happened and is counted once, at the end.
 
-pub mod memo;
-pub mod metrics;
-pub mod outcome;
+pub(crate) mod memo;
+pub(crate) mod metrics;
+pub(crate) mod outcome;
+mod plan;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::join_all;
-use http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::value::RawValue;
 
 use super::auth::ClientAuth;
-use super::status::{CacheStatus, Served};
+use super::status::CacheStatus;
 use super::{error_response, passthrough, Proxy, RetCode};
 use crate::api::answer::{stitch, top_level_code, Answer};
-use crate::api::error::{whole_seconds, ClientError, UpstreamError};
-use crate::api::request::{parse_query, Limits, Parsed, QueryRequest};
+use crate::api::error::{whole_seconds, ClientError};
+use crate::api::request::{parse_query, Limits, Parsed};
 use crate::api::{code, ErrorShape};
-use crate::cache::{CacheKey, Entry, Found};
-use crate::fetch::{FetchError, RequestContext};
+use crate::fetch::FetchError;
 use crate::http::{json_response, HeldBody, ProxyBody, CACHE_STATUS};
 use crate::metrics::labels::{BypassReason, LookupOutcome, RequestOutcome};
 use crate::trust::Fingerprint;
@@ -43,10 +40,10 @@ use crate::upstream::Auth as UpstreamAuth;
 use memo::Memoized;
 use outcome::QueryOutcome;
 
-pub use metrics::QueryMetrics;
+pub(crate) use metrics::QueryMetrics;
 
 /// Serves one query, and counts it.
-pub async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let mut outcome = QueryOutcome::default();
     let resp = serve(proxy, req, &mut outcome).await;
@@ -90,9 +87,9 @@ async fn serve(
         }
         Err(e) => return invalid(e, outcome),
     };
-    let plan = plan(proxy, &scope, request, &parts.headers);
-    let looked = look_up(proxy, &scope, plan).await;
-    let answers = match fetch(proxy, looked, outcome).await {
+    let plan = plan::plan(proxy, &scope, request, &parts.headers);
+    let looked = plan::look_up(proxy, &scope, plan).await;
+    let answers = match plan::fetch(proxy, looked, outcome).await {
         Ok(a) => a,
         Err(failure) => return upstream_failure(proxy, &scope, &failure, outcome),
     };
@@ -102,12 +99,12 @@ async fn serve(
 // ---------------------------------------------------------------- scope
 
 /// Who is asking, for a query the cache may serve.
-struct Scope {
-    auth: ClientAuth,
-    app: Arc<str>,
-    fingerprint: Fingerprint,
+pub(super) struct Scope {
+    pub(super) auth: ClientAuth,
+    pub(super) app: Arc<str>,
+    pub(super) fingerprint: Fingerprint,
     /// Credentials to add when forwarding it unchanged (injection).
-    inject: Option<UpstreamAuth>,
+    pub(super) inject: Option<UpstreamAuth>,
 }
 
 /// The cache serves a query scoped to an app by a credential it can fingerprint, with a JSON
@@ -264,240 +261,6 @@ fn validate(proxy: &Proxy, body: &[u8]) -> Result<Parsed, ClientError> {
     )
 }
 
-// ---------------------------------------------------------------- plan
-
-/// One distinct identifier of the request.
-struct Unique {
-    key: CacheKey,
-    /// The element as the client wrote it (sent upstream verbatim).
-    raw: Box<RawValue>,
-}
-
-/// The request split into distinct keys; `positions` maps request order onto them.
-struct Plan {
-    ctx: Arc<RequestContext>,
-    uniques: Vec<Unique>,
-    positions: Vec<usize>,
-    /// Whether the upstream accepted the credential recently: only then is the cache read.
-    trusted: bool,
-    /// The app's write epoch before any lookup: a write during them invalidates a memo.
-    epoch: u64,
-}
-
-fn plan(proxy: &Proxy, scope: &Scope, request: QueryRequest, headers: &HeaderMap) -> Plan {
-    let QueryRequest {
-        op,
-        top_fields,
-        top_scope,
-        items,
-    } = request;
-    let top_scope: Option<Arc<str>> = top_scope.map(Arc::from);
-    let mut uniques: Vec<Unique> = Vec::with_capacity(items.len());
-    let mut positions: Vec<usize> = Vec::with_capacity(items.len());
-    let mut seen: HashMap<CacheKey, usize, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
-    // The identifiers and elements move out of the request into the keys (no copies).
-    for item in items {
-        let key = CacheKey::new(
-            proxy.upstream_id.clone(),
-            scope.app.clone(),
-            top_scope.clone(),
-            item.ident,
-        );
-        let idx = *seen.entry(key.clone()).or_insert_with(|| {
-            uniques.push(Unique { key, raw: item.raw });
-            uniques.len() - 1
-        });
-        positions.push(idx);
-    }
-    let epoch = proxy.cache.epoch(&scope.app);
-    let auth = proxy
-        .credentials
-        .upstream_auth(&scope.auth, headers)
-        .unwrap_or_else(|| UpstreamAuth::Header(HeaderValue::from_static("")));
-    Plan {
-        ctx: Arc::new(RequestContext {
-            fingerprint: scope.fingerprint,
-            access_id: scope.app.clone(),
-            op,
-            top_scope,
-            top_fields,
-            headers: upstream_headers(headers),
-            auth,
-        }),
-        uniques,
-        positions,
-        trusted: proxy.trust.is_accepted(&scope.fingerprint),
-        epoch,
-    }
-}
-
-/// Headers of an upstream sub-request (credentials are added per call): the client's user
-/// agent, JSON both ways.
-fn upstream_headers(client: &HeaderMap) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(4);
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(ACCEPT, HeaderValue::from_static("application/json"));
-    let ua = client
-        .get(USER_AGENT)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static(concat!(
-            "tpns-cache/",
-            env!("CARGO_PKG_VERSION")
-        )));
-    h.insert(USER_AGENT, ua);
-    h
-}
-
-// ---------------------------------------------------------------- look up
-
-/// The plan and what both tiers hold for each of its keys.
-struct Looked {
-    plan: Plan,
-    found: Vec<Found>,
-}
-
-/// Looks every key up, for a credential the upstream accepted recently; for any other, the
-/// whole request goes upstream (and warms the cache if the upstream accepts it).
-async fn look_up(proxy: &Proxy, scope: &Scope, plan: Plan) -> Looked {
-    let found = if plan.trusted {
-        let keys: Vec<CacheKey> = plan.uniques.iter().map(|u| u.key.clone()).collect();
-        proxy.cache.lookup(&scope.app, &keys).await
-    } else {
-        plan.uniques
-            .iter()
-            .map(|_| Found::Miss { stale: None })
-            .collect()
-    };
-    Looked { plan, found }
-}
-
-// ---------------------------------------------------------------- fetch
-
-/// An answer for each distinct identifier, and how it was served.
-struct Answers {
-    plan: Plan,
-    entries: Vec<Arc<Entry>>,
-    served: Served,
-    /// Every identifier came fresh from the cache: the answer may be memoized.
-    all_fresh: bool,
-}
-
-/// Fetches the misses (joining flights already in the air), refreshes the entries past their
-/// lifetime in the background, and lets a stale entry stand in when the upstream cannot answer.
-async fn fetch(
-    proxy: &Proxy,
-    looked: Looked,
-    outcome: &mut QueryOutcome,
-) -> Result<Answers, Arc<FetchError>> {
-    let Looked { plan, found } = looked;
-    let total = plan.uniques.len();
-    outcome.op = Some(plan.ctx.op);
-    let mut entries: Vec<Option<Arc<Entry>>> = vec![None; total];
-    let mut stale_fallback: Vec<Option<Arc<Entry>>> = vec![None; total];
-    let (mut revalidate, mut misses) = (Vec::new(), Vec::new());
-    for (i, f) in found.into_iter().enumerate() {
-        match f {
-            Found::Fresh(e) => {
-                let o = if e.is_negative() {
-                    LookupOutcome::NegativeHit
-                } else {
-                    LookupOutcome::Hit
-                };
-                outcome.add(o, 1);
-                entries[i] = Some(e);
-            }
-            Found::Shared(e) => {
-                outcome.add(LookupOutcome::SharedHit, 1);
-                entries[i] = Some(e);
-            }
-            Found::Revalidate(e) => {
-                revalidate.push(i);
-                entries[i] = Some(e);
-            }
-            Found::Miss { stale } => {
-                stale_fallback[i] = stale;
-                misses.push(i);
-            }
-        }
-    }
-    let fetcher = &proxy.fetcher;
-    let items = |idx: &[usize]| {
-        idx.iter()
-            .map(|&i| (plan.uniques[i].key.clone(), plan.uniques[i].raw.to_owned()))
-            .collect()
-    };
-    if !revalidate.is_empty() {
-        outcome.refreshes_started += fetcher.refresh(&plan.ctx, items(&revalidate)) as u64;
-        outcome.stale_revalidate += revalidate.len() as u64;
-        outcome.add(LookupOutcome::Stale, revalidate.len() as u64);
-    }
-    let mut stale_on_error = 0usize;
-    if !misses.is_empty() {
-        let waiters = fetcher.fetch(&plan.ctx, items(&misses));
-        let coalesced = waiters.iter().filter(|(_, joined)| *joined).count() as u64;
-        outcome.add(LookupOutcome::Coalesced, coalesced);
-        let fresh_misses = misses.len() as u64 - coalesced;
-        outcome.add(
-            if plan.trusted {
-                LookupOutcome::Miss
-            } else {
-                LookupOutcome::Unverified
-            },
-            fresh_misses,
-        );
-        let bound = fetcher.wait_bound();
-        let results = match tokio::time::timeout(
-            bound,
-            join_all(waiters.into_iter().map(|(w, _)| w.result())),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                let e = Arc::new(FetchError::Upstream(UpstreamError::WaitTimeout(bound)));
-                vec![Err(e); misses.len()]
-            }
-        };
-        let mut failure: Option<Arc<FetchError>> = None;
-        for (&i, result) in misses.iter().zip(results) {
-            match result {
-                Ok(entry) => entries[i] = Some(entry),
-                Err(e) => match stale_fallback[i].take() {
-                    Some(stale) if e.allows_stale() => {
-                        stale_on_error += 1;
-                        entries[i] = Some(stale);
-                    }
-                    _ => {
-                        failure.get_or_insert(e);
-                    }
-                },
-            }
-        }
-        if let Some(f) = failure {
-            return Err(f);
-        }
-        outcome.stale_error += stale_on_error as u64;
-    }
-    let entries: Vec<Arc<Entry>> = entries.into_iter().flatten().collect();
-    if entries.len() != total {
-        return Err(Arc::new(FetchError::Upstream(UpstreamError::Malformed(
-            "an identifier was left unanswered".to_owned(),
-        ))));
-    }
-    Ok(Answers {
-        served: Served {
-            from_cache: total - misses.len() + stale_on_error,
-            total,
-            stale: revalidate.len() + stale_on_error,
-            upstream_unavailable: stale_on_error > 0,
-        },
-        all_fresh: plan.trusted && misses.is_empty() && revalidate.is_empty(),
-        plan,
-        entries,
-    })
-}
-
 /// The fetch failed: the upstream's own refusal passed on unchanged, or our error.
 fn upstream_failure(
     proxy: &Proxy,
@@ -541,10 +304,10 @@ fn respond(
     proxy: &Proxy,
     scope: &Scope,
     body: Bytes,
-    answers: Answers,
+    answers: plan::Answers,
     outcome: &mut QueryOutcome,
 ) -> Response<ProxyBody> {
-    let Answers {
+    let plan::Answers {
         plan,
         entries,
         served,

@@ -6,16 +6,16 @@ use crate::metrics::Label;
 
 /// The counts of one query.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueryOutcome {
+pub(crate) struct QueryOutcome {
     /// Known once the body is parsed (or read from the memo).
-    pub op: Option<Op>,
+    pub(crate) op: Option<Op>,
     /// Distinct identifiers, by how they were found (indexed like [`LookupOutcome::ALL`]).
     lookups: [u64; 7],
-    pub stale_revalidate: u64,
-    pub stale_error: u64,
-    pub refreshes_started: u64,
-    pub memo_hit: bool,
-    pub request: RequestOutcome,
+    pub(crate) stale_revalidate: u64,
+    pub(crate) stale_error: u64,
+    pub(crate) refreshes_started: u64,
+    pub(crate) memo_hit: bool,
+    pub(crate) request: RequestOutcome,
 }
 
 impl Default for QueryOutcome {
@@ -33,13 +33,13 @@ impl Default for QueryOutcome {
 }
 
 impl QueryOutcome {
-    pub fn add(&mut self, outcome: LookupOutcome, n: u64) {
+    pub(crate) fn add(&mut self, outcome: LookupOutcome, n: u64) {
         if let Some(i) = LookupOutcome::ALL.iter().position(|o| *o == outcome) {
             self.lookups[i] += n;
         }
     }
 
-    pub fn get(&self, outcome: LookupOutcome) -> u64 {
+    pub(crate) fn get(&self, outcome: LookupOutcome) -> u64 {
         LookupOutcome::ALL
             .iter()
             .position(|o| *o == outcome)
@@ -47,7 +47,7 @@ impl QueryOutcome {
     }
 
     /// Counts everything, once.
-    pub fn emit(&self, proxy: &super::super::Proxy, seconds: f64) {
+    pub(crate) fn emit(&self, proxy: &super::super::Proxy, seconds: f64) {
         let qm = &proxy.query_metrics;
         if let Some(op) = self.op {
             for (outcome, n) in LookupOutcome::ALL.iter().zip(self.lookups) {

@@ -1,0 +1,187 @@
+//! Unit tests of [`super`].
+
+use super::*;
+use crate::api::answer::build_upstream_body;
+use serde_json::{json, Value};
+
+const LIMITS: Limits = Limits {
+    max_items: 5,
+    max_identifier_bytes: 16,
+    max_depth: 8,
+    max_fields: 8,
+    max_scope_bytes: 64,
+};
+
+#[test]
+fn nesting_is_measured_outside_strings() {
+    assert!(!nesting_exceeds(br#"{"a":[[1]]}"#, 3));
+    assert!(nesting_exceeds(br#"{"a":[[[1]]]}"#, 3));
+    assert!(!nesting_exceeds(br#"{"a":"[[[[[[\"[[["}"#, 1));
+    let deep = format!(
+        "{{\"operator_type\":2,\"token_list\":[\"a\"],\"x\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert_eq!(
+        parse_request(deep.as_bytes(), &LIMITS)
+            .unwrap_err()
+            .class()
+            .ret_code,
+        1_008_007
+    );
+}
+
+#[test]
+fn huge_lists_stop_at_the_limit() {
+    let body = format!(
+        "{{\"operator_type\":2,\"token_list\":[{}\"x\"]}}",
+        "\"t\",".repeat(1_000_000)
+    );
+    let e = parse_request(body.as_bytes(), &LIMITS).unwrap_err();
+    assert_eq!(e.class().ret_code, 1_008_007);
+    assert!(e.to_string().contains("more than 5"), "{e}");
+}
+
+fn parse(v: &str) -> Result<QueryRequest, ClientError> {
+    parse_request(v.as_bytes(), &LIMITS)
+}
+
+fn ret(v: &str) -> i64 {
+    parse(v).expect_err("must be refused").class().ret_code
+}
+
+#[test]
+fn seed_examples_parse() {
+    let r = parse(r#"{"operator_type":1,"account_list":[{"account":"account1"},{"account":"account2","account_type":1}]}"#).unwrap();
+    assert_eq!(r.op, Op::AccountTokens);
+    assert_eq!(r.items.len(), 2);
+    assert_eq!(
+        r.items[1].ident,
+        Ident::Account {
+            account: "account2".into(),
+            account_type: Some(1),
+            extra: None
+        }
+    );
+    assert!(r.top_scope.is_none());
+    let r = parse(r#"{"operator_type":2,"token_list":["token1","token2"]}"#).unwrap();
+    assert_eq!(r.items[0].ident, Ident::Token("token1".into()));
+}
+
+#[test]
+fn absent_account_type_differs_from_zero() {
+    let a = parse(r#"{"operator_type":1,"account_list":[{"account":"x"}]}"#).unwrap();
+    let b =
+        parse(r#"{"operator_type":1,"account_list":[{"account":"x","account_type":0}]}"#).unwrap();
+    assert_ne!(a.items[0].ident, b.items[0].ident);
+    let c =
+        parse(r#"{"operator_type":1,"account_type":0,"account_list":[{"account":"x"}]}"#).unwrap();
+    assert_ne!(a.top_scope, c.top_scope);
+}
+
+#[test]
+fn unknown_fields_are_kept_and_keyed() {
+    let r =
+        parse(r#"{"operator_type":1,"zz":{"b":1,"a":2},"account_list":[{"account":"x","k":1}]}"#)
+            .unwrap();
+    assert_eq!(r.top_scope.as_deref(), Some(r#"{"zz":{"a":2,"b":1}}"#));
+    assert!(
+        matches!(&r.items[0].ident, Ident::Account { extra: Some(e), .. } if &**e == r#"{"k":1}"#)
+    );
+    let body = build_upstream_body(r.op, &r.top_fields, r.items.iter().map(|i| i.raw.as_ref()));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"operator_type":1,"zz":{"b":1,"a":2},"account_list":[{"account":"x","k":1}]})
+    );
+}
+
+#[test]
+fn validation_codes() {
+    assert_eq!(ret("not json"), 1_008_001);
+    assert_eq!(ret("[1,2]"), 1_008_001);
+    assert_eq!(ret(r#"{"operator_type":1"#), 1_008_001);
+    assert_eq!(ret(r#"{"account_list":[{"account":"a"}]}"#), 1_008_002);
+    assert_eq!(
+        ret(r#"{"operator_type":null,"token_list":["a"]}"#),
+        1_008_002
+    );
+    assert_eq!(ret(r#"{"operator_type":1}"#), 1_008_002);
+    assert_eq!(ret(r#"{"operator_type":1,"token_list":["a"]}"#), 1_008_002);
+    assert_eq!(ret(r#"{"operator_type":2,"token_list":null}"#), 1_008_002);
+    assert_eq!(
+        ret(r#"{"operator_type":"1","token_list":["a"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1.5,"token_list":["a"]}"#),
+        1_008_007
+    );
+    assert_eq!(ret(r#"{"operator_type":-1,"token_list":["a"]}"#), 1_008_007);
+    assert_eq!(ret(r#"{"operator_type":3,"token_list":["a"]}"#), 1_008_007);
+    assert_eq!(
+        ret(r#"{"operator_type":1e400,"token_list":["a"]}"#),
+        1_008_001
+    );
+    assert_eq!(ret(r#"{"operator_type":2,"token_list":[]}"#), 1_008_007);
+    assert_eq!(ret(r#"{"operator_type":2,"token_list":"a"}"#), 1_008_007);
+    assert_eq!(ret(r#"{"operator_type":2,"token_list":[1]}"#), 1_008_007);
+    assert_eq!(ret(r#"{"operator_type":2,"token_list":[""]}"#), 1_008_007);
+    assert_eq!(
+        ret(r#"{"operator_type":2,"token_list":["a\u0000b"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":2,"token_list":["0123456789abcdefX"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":2,"token_list":["a","b","c","d","e","f"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_list":["a"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_list":[{"account":7}]}"#),
+        1_008_007
+    );
+    assert_eq!(ret(r#"{"operator_type":1,"account_list":[{}]}"#), 1_008_002);
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":"0"}]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":null}]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_list":[{"account":"a","account_type":-2}]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_type":"x","account_list":[{"account":"a"}]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"operator_type":2,"token_list":["a"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":1,"account_list":[{"account":"a","account":"b"}]}"#),
+        1_008_007
+    );
+    // Multibyte characters count in bytes: 6 × 3 bytes > 16.
+    assert_eq!(
+        ret(r#"{"operator_type":2,"token_list":["令牌令牌令牌"]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        parse_request(b"\xff\xfe", &LIMITS)
+            .unwrap_err()
+            .class()
+            .ret_code,
+        1_008_001
+    );
+}

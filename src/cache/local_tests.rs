@@ -1,0 +1,331 @@
+//! Unit tests of [`super`].
+
+use super::*;
+use crate::api::request::Ident;
+use serde_json::value::RawValue;
+
+fn key(app: &str, token: &str) -> CacheKey {
+    CacheKey::new(
+        Arc::from("http://u"),
+        Arc::from(app),
+        None,
+        Ident::Token(token.into()),
+    )
+}
+
+fn ok() -> Answer {
+    Answer {
+        code: ElementCode::Ok,
+        element: Some(RawValue::from_string(r#"{"token":"t","account_list":[]}"#.into()).unwrap()),
+    }
+}
+
+fn not_found() -> Answer {
+    Answer {
+        code: ElementCode::NotFound,
+        element: None,
+    }
+}
+
+fn store(negative: u64) -> Store {
+    Store::new(
+        1 << 20,
+        Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(negative)),
+        Clock::default(),
+    )
+}
+
+fn fresh(l: Lookup) -> Option<bool> {
+    match l {
+        Lookup::Fresh(e) => Some(e.is_negative()),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn positive_and_negative_lifetimes() {
+    let s = store(10);
+    s.put(key("a", "t1"), ok()).await;
+    s.put(key("a", "t2"), not_found()).await;
+    assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
+    assert_eq!(fresh(s.get(&key("a", "t2")).await), Some(true));
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert_eq!(fresh(s.get(&key("a", "t1")).await), Some(false));
+    assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+    tokio::time::advance(Duration::from_secs(50)).await;
+    assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_periods_follow_the_fresh_one() {
+    let s = Store::new(
+        1 << 20,
+        Policy {
+            stale_while_revalidate: Duration::from_secs(5),
+            stale_if_error: Duration::from_secs(30),
+            ..Policy::fresh_only(Duration::from_secs(10), Duration::from_secs(10))
+        },
+        Clock::default(),
+    );
+    s.put(key("a", "t"), ok()).await;
+    assert!(matches!(s.get(&key("a", "t")).await, Lookup::Fresh(_)));
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(matches!(s.get(&key("a", "t")).await, Lookup::Revalidate(_)));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(matches!(
+        s.get(&key("a", "t")).await,
+        Lookup::StaleIfError(_)
+    ));
+    tokio::time::advance(Duration::from_secs(25)).await;
+    assert!(matches!(s.get(&key("a", "t")).await, Lookup::Miss));
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_only_shortens_lifetimes_and_spreads_them() {
+    let s = Store::new(
+        1 << 20,
+        Policy {
+            ttl_jitter: 0.5,
+            ..Policy::fresh_only(Duration::from_secs(100), Duration::from_secs(100))
+        },
+        Clock::default(),
+    );
+    let now = s.clock().now();
+    let mut ends = Vec::new();
+    for i in 0..50 {
+        let e = s.put(key("a", &format!("t{i}")), ok()).await;
+        assert!(e.fresh_until <= now + Duration::from_secs(100));
+        assert!(e.fresh_until >= now + Duration::from_secs(50));
+        ends.push(e.fresh_until);
+    }
+    ends.sort();
+    ends.dedup();
+    assert!(ends.len() > 40, "lifetimes spread out");
+}
+
+#[tokio::test]
+async fn manual_clock_expires() {
+    let s = store(10);
+    s.put(key("a", "t2"), not_found()).await;
+    s.clock().advance(Duration::from_secs(10));
+    assert!(matches!(s.get(&key("a", "t2")).await, Lookup::Miss));
+}
+
+fn account_key(app: &str, account: &str, t: Option<i64>) -> CacheKey {
+    CacheKey::new(
+        Arc::from("http://u"),
+        Arc::from(app),
+        None,
+        Ident::Account {
+            account: account.into(),
+            account_type: t,
+            extra: None,
+        },
+    )
+}
+
+fn el(json: &str) -> Answer {
+    Answer {
+        code: ElementCode::Ok,
+        element: Some(RawValue::from_string(json.to_owned()).unwrap()),
+    }
+}
+
+#[tokio::test]
+async fn index_finds_both_directions_and_follows_evictions() {
+    let s = store(10);
+    let app: Arc<str> = Arc::from("a");
+    s.put(
+        key("a", "t1"),
+        el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
+    )
+    .await;
+    s.put(
+        account_key("a", "old", None),
+        el(r#"{"account":"old","token_list":["t1","t9"]}"#),
+    )
+    .await;
+    s.put(
+        account_key("a", "old", Some(3)),
+        el(r#"{"account":"old","token_list":[]}"#),
+    )
+    .await;
+    s.put(
+        key("a", "t9"),
+        el(r#"{"token":"t9","account_list":[{"account":"old"}]}"#),
+    )
+    .await;
+    s.put(
+        key("b", "t1"),
+        el(r#"{"token":"t1","account_list":[{"account":"old"}]}"#),
+    )
+    .await;
+    // A write to t1 affects t1 and the account bound to it (both account_type variants),
+    // and nothing of app b.
+    let affected = s.affected(&app, &["t1".to_owned()], &[]).await;
+    assert_eq!(affected.len(), 3, "{affected:?}");
+    assert!(affected.iter().all(|k| &*k.access_id == "a"));
+    // A write to account "old" reaches the tokens it is bound to.
+    let affected = s.affected(&app, &[], &["old".to_owned()]).await;
+    assert_eq!(affected.len(), 4, "{affected:?}");
+    assert_eq!(s.invalidate(&affected).await, 4);
+    s.sync().await;
+    assert!(s.affected(&app, &["t1".to_owned()], &[]).await.is_empty());
+    assert_eq!(s.index().len(), 1, "only app b's t1 is left");
+    assert_eq!(s.purge_app("b").await.len(), 1);
+    s.sync().await;
+    assert!(s.index().is_empty());
+}
+
+#[tokio::test]
+async fn replacing_an_entry_keeps_the_index_consistent() {
+    let s = store(10);
+    let app: Arc<str> = Arc::from("a");
+    s.put(
+        key("a", "t1"),
+        el(r#"{"token":"t1","account_list":[{"account":"x"}]}"#),
+    )
+    .await;
+    s.put(
+        key("a", "t1"),
+        el(r#"{"token":"t1","account_list":[{"account":"y"}]}"#),
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(s.affected(&app, &[], &["y".to_owned()]).await.len(), 1);
+    assert!(s.affected(&app, &[], &["x".to_owned()]).await.is_empty());
+}
+
+#[tokio::test]
+async fn writes_since_a_fetch_started_keep_its_answer_out() {
+    let s = store(10);
+    let app: Arc<str> = Arc::from("a");
+    let epoch = s.index().epoch(&app);
+    s.index().bump_epoch(&app);
+    let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
+    assert!(discarded);
+    assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+    let epoch = s.index().epoch(&app);
+    let (_, discarded) = s.put_since(key("a", "t1"), ok(), epoch).await;
+    assert!(!discarded);
+    assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+    // Another app's write does not matter.
+    s.index().bump_epoch(&Arc::from("b"));
+    assert!(!s.put_since(key("a", "t2"), ok(), epoch).await.1);
+}
+
+/// Regression: a purge or write bumped the app's epoch before removing entries, so a query
+/// in between memoized the old answer under the new epoch and it stayed valid.
+#[tokio::test]
+async fn an_answer_memoized_during_a_write_is_invalid_after_it() {
+    let s = store(10);
+    let app: Arc<str> = Arc::from("a");
+    s.put(key("a", "t1"), ok()).await;
+    let write = s.begin_write(&app);
+    // A query runs now: it reads the epoch and finds the entry, and would memoize its
+    // answer under that epoch (the memo is valid while the app's epoch is unchanged).
+    let epoch = s.index().epoch(&app);
+    assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+    s.invalidate(&[key("a", "t1")]).await;
+    drop(write);
+    assert_ne!(
+        s.index().epoch(&app),
+        epoch,
+        "a memo taken during the purge would outlive it"
+    );
+}
+
+#[tokio::test]
+async fn an_entry_is_charged_everything_its_key_pins() {
+    let s = Store::new(
+        1 << 20,
+        Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+        Clock::default(),
+    );
+    for i in 0..50 {
+        let scope: Arc<str> = Arc::from(format!("{{\"pad\":\"{i:03}{}\"}}", "x".repeat(100_000)));
+        let key = CacheKey::new(
+            Arc::from("http://u"),
+            Arc::from("a"),
+            Some(scope),
+            Ident::Token(format!("nx-{i}").into()),
+        );
+        let e = s.put(key.clone(), not_found()).await;
+        assert!(weigh(&key, &e) > 100_000);
+    }
+    s.sync().await;
+    assert!(s.weighted_bytes() <= 1 << 20, "{}", s.weighted_bytes());
+    assert!(
+        s.entry_count() <= 10,
+        "{} entries of 100 KB in 1 MiB",
+        s.entry_count()
+    );
+}
+
+/// Issue 11, item 7: a value promoted from the shared tier while a write to its app passed
+/// is not stored (it may predate the write).
+#[tokio::test]
+async fn promotions_from_before_a_write_are_not_stored() {
+    let s = store(10);
+    let app: Arc<str> = Arc::from("a");
+    let epoch = s.index().epoch(&app);
+    drop(s.begin_write(&app));
+    let (_, dropped) = s
+        .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
+        .await;
+    assert!(dropped);
+    assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Miss));
+    let epoch = s.index().epoch(&app);
+    let (e, dropped) = s
+        .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
+        .await;
+    assert!(!dropped);
+    assert!(e.fresh_until <= s.clock().now() + Duration::from_secs(5));
+    assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
+}
+
+#[tokio::test]
+async fn apps_do_not_share_entries() {
+    let s = store(10);
+    s.put(key("a", "t1"), ok()).await;
+    assert!(matches!(s.get(&key("b", "t1")).await, Lookup::Miss));
+}
+
+#[tokio::test]
+async fn uncacheable_answers_are_not_stored() {
+    let s = store(0);
+    s.put(key("a", "nf"), not_found()).await;
+    s.put(
+        key("a", "bad"),
+        Answer {
+            code: ElementCode::Other("1008006".into()),
+            element: None,
+        },
+    )
+    .await;
+    s.put(
+        key("a", "ok-no-element"),
+        Answer {
+            code: ElementCode::Ok,
+            element: None,
+        },
+    )
+    .await;
+    s.sync().await;
+    assert_eq!(s.entry_count(), 0);
+}
+
+#[tokio::test]
+async fn byte_budget_is_enforced() {
+    let s = Store::new(
+        64 * 1024,
+        Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+        Clock::default(),
+    );
+    for i in 0..5000 {
+        s.put(key("a", &format!("token-{i}")), ok()).await;
+    }
+    s.sync().await;
+    assert!(s.weighted_bytes() <= 64 * 1024, "{}", s.weighted_bytes());
+    assert!(s.entry_count() > 50);
+}
