@@ -237,8 +237,6 @@ impl BaseUrl {
         })
     }
 
-
-
     /// The full URI for a client's path and query; `None` when the result is not a valid URI.
     pub(crate) fn uri_for(&self, path_and_query: &str) -> Option<Uri> {
         let pq: PathAndQuery = format!("{}{}", self.prefix, path_and_query).parse().ok()?;

@@ -22,7 +22,10 @@ pub(crate) const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// Registers `c` and hands it back (for the struct being built).
-pub(crate) fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+pub(crate) fn register<C: Collector + Clone + 'static>(
+    r: &Registry,
+    c: C,
+) -> prometheus::Result<C> {
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }

@@ -104,7 +104,6 @@ impl Upstream {
         &self.base
     }
 
-
     /// POSTs `body` and reads the whole answer, all within `upstream.timeout`.
     pub(crate) async fn post(
         &self,
@@ -148,7 +147,10 @@ impl Upstream {
 
     /// Sends a request whose body streams from the client; waits at most `upstream.timeout`
     /// for the answer's head. The answer's body is streamed back by the caller.
-    pub(crate) async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+    pub(crate) async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         tokio::time::timeout(self.timeout, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?

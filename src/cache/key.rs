@@ -94,6 +94,13 @@ impl CacheKey {
     }
 }
 
+impl SharedName {
+    /// `<app>:<fields>`: the key's name in Redis keys (under a prefix naming what it is for).
+    pub(crate) fn joined(&self) -> String {
+        format!("{}:{}", self.app, self.fields)
+    }
+}
+
 /// An AccessID's name in the shared tier.
 pub fn app_name(access_id: &str) -> String {
     tpns_wire::hex(&Sha256::digest(access_id.as_bytes())[..8])

@@ -202,7 +202,12 @@ impl Cache {
     /// Stores a fetched answer unless a write to its app happened since `epoch` (the answer
     /// may predate it). Returns the entry either way (the caller answers with it) and whether
     /// it was stored.
-    pub(crate) async fn store(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+    pub(crate) async fn store(
+        &self,
+        key: CacheKey,
+        answer: Answer,
+        epoch: u64,
+    ) -> (Arc<Entry>, bool) {
         let (entry, discarded) = self.local.put_since(key, answer, epoch).await;
         (entry, !discarded)
     }

@@ -110,8 +110,7 @@ impl SharedTier {
     }
 
     fn entry_key(&self, key: &CacheKey) -> String {
-        let name = key.shared_name();
-        self.link.key("e", &format!("{}:{}", name.app, name.fields))
+        self.link.key("e", &key.shared_name().joined())
     }
 
     /// Whether `app` is closed (a generation move failed and has not been retried with
@@ -183,7 +182,11 @@ impl SharedTier {
     /// fresh time, for values of the app's current generation that are still fresh. `None`
     /// when Redis does not answer or the generation is unknown (missing, not a number): then
     /// no shared value is used (fail closed). The caller checks [`SharedTier::is_closed`].
-    pub(crate) async fn lookup(&self, app: &str, keys: &[CacheKey]) -> Option<Vec<Option<SharedHit>>> {
+    pub(crate) async fn lookup(
+        &self,
+        app: &str,
+        keys: &[CacheKey],
+    ) -> Option<Vec<Option<SharedHit>>> {
         let mut cmd = redis::cmd("MGET");
         cmd.arg(self.gen_key(app));
         for k in keys {

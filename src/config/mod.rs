@@ -14,10 +14,12 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 mod defaults;
+mod log;
 mod secrets;
 mod validate;
 
 pub use defaults::*;
+pub use log::parse_filter;
 pub use secrets::{read_secret, Injected, Keys, Secret};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

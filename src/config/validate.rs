@@ -231,7 +231,7 @@ impl Config {
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
             problems.push("redis.key_prefix: must be non-empty, without spaces".to_owned());
         }
-        if let Err(e) = crate::logging::parse_filter(&self.log.level) {
+        if let Err(e) = super::parse_filter(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
         if problems.is_empty() {

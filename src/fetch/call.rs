@@ -60,6 +60,7 @@ impl Caller {
             .map(|l| l.token(batch.id))
             .unwrap_or_default();
         let (batch, leased) = self.settle_leased(batch, &token).await;
+        let leased: Vec<String> = leased.iter().map(|k| k.shared_name().joined()).collect();
         if batch.items.is_empty() {
             return;
         }
@@ -125,8 +126,12 @@ impl Caller {
             return (batch, Vec::new());
         }
         let epoch = self.cache.epoch(&ctx.access_id);
-        let keys: Vec<CacheKey> = batch.items.iter().map(|i| i.key.clone()).collect();
-        let Some(owned) = leases.take(&keys, self.lease_for, token).await else {
+        let names: Vec<String> = batch
+            .items
+            .iter()
+            .map(|i| i.key.shared_name().joined())
+            .collect();
+        let Some(owned) = leases.take(&names, self.lease_for, token).await else {
             return (batch, Vec::new());
         };
         let (mut mine, mut waiting): (Vec<NewFlight>, Vec<NewFlight>) = (Vec::new(), Vec::new());

@@ -134,7 +134,11 @@ pub(crate) struct Landing {
 }
 
 impl Landing {
-    pub(crate) fn of(flights: &Arc<Flights>, fingerprint: Fingerprint, new: &[NewFlight]) -> Landing {
+    pub(crate) fn of(
+        flights: &Arc<Flights>,
+        fingerprint: Fingerprint,
+        new: &[NewFlight],
+    ) -> Landing {
         Landing {
             flights: flights.clone(),
             fingerprint,

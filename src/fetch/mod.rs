@@ -86,7 +86,12 @@ impl std::fmt::Debug for Fetcher {
 impl Fetcher {
     /// `window`: `shield.batch_window`; `max_batch`: `upstream.max_batch`; `timeout`:
     /// `upstream.timeout` (for the waiters' bound).
-    pub(crate) fn new(caller: Caller, window: Duration, max_batch: usize, timeout: Duration) -> Fetcher {
+    pub(crate) fn new(
+        caller: Caller,
+        window: Duration,
+        max_batch: usize,
+        timeout: Duration,
+    ) -> Fetcher {
         let lease_wait = if caller.leases.is_some() {
             caller.lease_for
         } else {
@@ -173,4 +178,72 @@ impl Fetcher {
 async fn run(flights: Arc<Flights>, caller: Arc<Caller>, batch: Batch) {
     let _landing = Landing::of(&flights, batch.ctx.fingerprint, &batch.items);
     caller.run(batch).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Cache, CacheMetrics, Clock, Policy, Store};
+    use crate::config::Config;
+    use crate::fleet::{leases::Leases, FleetMetrics, Link};
+    use crate::shield::{Shield, ShieldMetrics};
+
+    fn caller(config: &Config, leases: Option<Arc<Leases>>) -> Caller {
+        let r = prometheus::Registry::new();
+        let store = Store::new(
+            1 << 20,
+            Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(10)),
+            Clock::default(),
+        );
+        Caller {
+            upstream: crate::upstream::Upstream::new(&config.upstream).expect("client"),
+            upstream_metrics: crate::upstream::UpstreamMetrics::register(&r).expect("metrics"),
+            shield: Shield::new(config, None, ShieldMetrics::register(&r).expect("metrics")),
+            cache: Arc::new(Cache::new(
+                store,
+                CacheMetrics::register(&r).expect("metrics"),
+            )),
+            trust: Arc::new(crate::trust::Trust::new(
+                Duration::from_secs(60),
+                10,
+                Duration::from_secs(60),
+                10,
+            )),
+            leases,
+            metrics: FetchMetrics::register(&r).expect("metrics"),
+            batch_codes: [0; 5],
+            lease_for: config.upstream.timeout.min(Duration::from_secs(3)),
+        }
+    }
+
+    /// Regression (issue 11, item 7): the waiters' bound left out the fleet lease wait, so a
+    /// waiter could get 504 while the fetch it waited for was still running.
+    #[tokio::test]
+    async fn the_wait_bound_covers_a_lease_wait_and_both_calls() {
+        crate::install_crypto_provider();
+        let config = Config::default();
+        let metrics = FleetMetrics::register(&prometheus::Registry::new()).expect("metrics");
+        let link = Link::start(
+            "redis://127.0.0.1:1/0",
+            config.redis.timeout,
+            "t",
+            "http://u",
+            metrics,
+        )
+        .expect("link");
+        let s = &config.shield;
+        let worst =
+            |lease: Duration| s.batch_window + lease + s.max_wait * 2 + config.upstream.timeout * 2;
+        let with_leases = caller(&config, Some(Arc::new(Leases::new(link))));
+        let lease_for = with_leases.lease_for;
+        let f = Fetcher::new(with_leases, s.batch_window, 100, config.upstream.timeout);
+        assert!(f.wait_bound() > worst(lease_for), "{:?}", f.wait_bound());
+        let f = Fetcher::new(
+            caller(&config, None),
+            s.batch_window,
+            100,
+            config.upstream.timeout,
+        );
+        assert!(f.wait_bound() > worst(Duration::ZERO));
+    }
 }

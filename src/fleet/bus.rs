@@ -89,3 +89,59 @@ impl Bus {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tpns_sim::redis::RedisServer;
+
+    #[tokio::test]
+    async fn invalidations_reach_the_other_sidecars_only() {
+        let redis = RedisServer::start();
+        let link = || {
+            let metrics =
+                super::super::FleetMetrics::register(&prometheus::Registry::new()).expect("m");
+            Link::start(
+                &redis.url(),
+                Duration::from_millis(200),
+                "t",
+                "http://u",
+                metrics,
+            )
+            .expect("link")
+        };
+        let (a, b) = (Bus::new(link()), Bus::new(link()));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Invalidation)>();
+        for (who, bus) in [(1u64, &a), (2, &b)] {
+            let tx = tx.clone();
+            bus.subscribe(move |m| {
+                let _ = tx.send((who, m));
+                async {}
+            });
+        }
+        let msg = Invalidation {
+            origin: a.origin(),
+            app: "app".into(),
+            tokens: vec!["t".into()],
+            accounts: Vec::new(),
+            all: false,
+            bumped: true,
+        };
+        // Published until the subscriptions are in place (they connect in the background).
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let _ = a.publish(&msg).await;
+                if let Ok(Some(got)) =
+                    tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
+                {
+                    return got;
+                }
+            }
+        })
+        .await
+        .expect("delivered");
+        assert_eq!(got.0, 2, "only the other sidecar applies it");
+        assert_eq!(got.1.app, "app");
+        assert_eq!(got.1.tokens, ["t"]);
+    }
+}

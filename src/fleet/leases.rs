@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use super::Link;
-use crate::cache::CacheKey;
 
 /// Deletes each lease in KEYS whose value is ARGV[1] (only our own); returns how many.
 const RELEASE: &str = r#"
@@ -43,9 +42,9 @@ impl Leases {
         format!("{:016x}-{batch:x}", self.link.origin())
     }
 
-    fn key(&self, key: &CacheKey) -> String {
-        let name = key.shared_name();
-        self.link.key("l", &format!("{}:{}", name.app, name.fields))
+    /// `name`: an identifier's stable name in the fleet (its cache key's shared name).
+    fn key(&self, name: &str) -> String {
+        self.link.key("l", name)
     }
 
     /// Takes a lease on each key: `true` where this sidecar should fetch, `false` where another
@@ -53,32 +52,32 @@ impl Leases {
     /// sidecar's to fetch).
     pub(crate) async fn take(
         &self,
-        keys: &[CacheKey],
+        names: &[String],
         lease_for: Duration,
         token: &str,
     ) -> Option<Vec<bool>> {
         let mut pipe = redis::pipe();
         let px = u64::try_from(lease_for.as_millis()).unwrap_or(1000).max(1);
-        for k in keys {
+        for n in names {
             pipe.cmd("SET")
-                .arg(self.key(k))
+                .arg(self.key(n))
                 .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(px);
         }
         let taken: Vec<Option<String>> = self.link.run_pipe(&pipe, self.link.timeout()).await?;
-        (taken.len() == keys.len()).then(|| taken.into_iter().map(|r| r.is_some()).collect())
+        (taken.len() == names.len()).then(|| taken.into_iter().map(|r| r.is_some()).collect())
     }
 
     /// Gives back the leases still holding `token`.
-    pub(crate) async fn release(&self, keys: &[CacheKey], token: &str) {
-        if keys.is_empty() {
+    pub(crate) async fn release(&self, names: &[String], token: &str) {
+        if names.is_empty() {
             return;
         }
         let mut invocation = self.release.prepare_invoke();
-        for k in keys {
-            invocation.key(self.key(k));
+        for n in names {
+            invocation.key(self.key(n));
         }
         invocation.arg(token);
         let _: Option<u64> = self.link.run_script(&invocation).await;
@@ -88,8 +87,6 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::request::Ident;
-    use std::sync::Arc;
     use tpns_sim::redis::RedisServer;
 
     fn link(url: &str) -> Link {
@@ -121,12 +118,7 @@ mod tests {
         for l in [&a, &b, &c] {
             up(l.link()).await;
         }
-        let keys = [CacheKey::new(
-            Arc::from("http://u"),
-            Arc::from("app"),
-            None,
-            Ident::Token("tok".into()),
-        )];
+        let keys = ["app:tok".to_owned()];
         let (ta, tb) = (a.token(1), b.token(1));
         assert_ne!(ta, tb);
         assert_eq!(

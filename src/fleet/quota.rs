@@ -81,3 +81,49 @@ impl FleetQuota {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tpns_sim::redis::RedisServer;
+
+    async fn link(url: &str) -> Link {
+        let metrics =
+            super::super::FleetMetrics::register(&prometheus::Registry::new()).expect("metrics");
+        let l =
+            Link::start(url, Duration::from_millis(200), "t", "http://u", metrics).expect("link");
+        for _ in 0..200 {
+            if l.connection().is_some() {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("Redis not reached");
+    }
+
+    #[tokio::test]
+    async fn sidecars_share_one_quota_and_fall_back_without_redis() {
+        let redis = RedisServer::start();
+        let a = FleetQuota::new(link(&redis.url()).await, 1, 2).expect("a rate");
+        let b = FleetQuota::new(link(&redis.url()).await, 1, 2).expect("a rate");
+        assert!(a.acquire(Duration::ZERO).await.is_ok());
+        assert!(
+            b.acquire(Duration::ZERO).await.is_ok(),
+            "the burst of 2 is the fleet's"
+        );
+        assert!(matches!(
+            a.acquire(Duration::ZERO).await,
+            Err(Denied::Quota(wait)) if wait > Duration::from_millis(500)
+        ));
+        drop(redis);
+        assert_eq!(
+            b.acquire(Duration::ZERO).await,
+            Err(Denied::Unavailable),
+            "the shield falls back to the local share"
+        );
+        assert!(
+            FleetQuota::new(a.link().clone(), 0, 1).is_none(),
+            "no rate, nothing to share"
+        );
+    }
+}

@@ -97,7 +97,10 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    pub(crate) fn new(keys: Keys, max_skew: std::time::Duration) -> Result<Credentials, getrandom::Error> {
+    pub(crate) fn new(
+        keys: Keys,
+        max_skew: std::time::Duration,
+    ) -> Result<Credentials, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
         Ok(Credentials {
@@ -190,7 +193,11 @@ impl Credentials {
 
     /// The upstream credentials for a request classified as `auth` (`None` for unscoped ones,
     /// which are forwarded as they are).
-    pub(crate) fn upstream_auth(&self, auth: &ClientAuth, client: &HeaderMap) -> Option<UpstreamAuth> {
+    pub(crate) fn upstream_auth(
+        &self,
+        auth: &ClientAuth,
+        client: &HeaderMap,
+    ) -> Option<UpstreamAuth> {
         match auth {
             ClientAuth::Basic { .. } => {
                 client.get(AUTHORIZATION).cloned().map(UpstreamAuth::Header)

@@ -84,11 +84,14 @@ impl UpstreamLimiter {
         }
     }
 
-
     /// Waits for a permit for one call of `identifiers` identifiers for `app`.
     /// Returns how long it waited.
     #[cfg(test)]
-    pub(crate) async fn acquire(&self, app: &Arc<str>, identifiers: usize) -> Result<Duration, Denied> {
+    pub(crate) async fn acquire(
+        &self,
+        app: &Arc<str>,
+        identifiers: usize,
+    ) -> Result<Duration, Denied> {
         self.acquire_within(app, identifiers, self.max_wait).await
     }
 

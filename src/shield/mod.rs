@@ -107,7 +107,11 @@ impl std::fmt::Debug for Shield {
 
 impl Shield {
     /// The shield for `config`; `fleet` carries the fleet's quota in fleet mode.
-    pub(crate) fn new(config: &Config, fleet: Option<FleetQuota>, metrics: ShieldMetrics) -> Shield {
+    pub(crate) fn new(
+        config: &Config,
+        fleet: Option<FleetQuota>,
+        metrics: ShieldMetrics,
+    ) -> Shield {
         let s = &config.shield;
         let local = if fleet.is_some() {
             config.redis.local_share
@@ -287,7 +291,11 @@ impl Shield {
     }
 
     /// Time left in the cool-down of `app` or of `credential`, if either is in one.
-    pub(crate) fn cooldown_left(&self, app: &Arc<str>, credential: &Fingerprint) -> Option<Duration> {
+    pub(crate) fn cooldown_left(
+        &self,
+        app: &Arc<str>,
+        credential: &Fingerprint,
+    ) -> Option<Duration> {
         let now = tokio::time::Instant::now();
         let map = self.cooldowns.lock();
         [Cooled::App(app.clone()), Cooled::Credential(*credential)]

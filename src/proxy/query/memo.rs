@@ -94,7 +94,6 @@ impl Memo {
         self.cache
             .insert(MemoKey { fingerprint, body }, Arc::new(m));
     }
-
 }
 
 #[cfg(test)]
