@@ -44,6 +44,10 @@ enum Command {
         /// The TOML file to check (defaults < FILE < TPNS_CACHE_* environment variables).
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
+        /// On success, print the effective settings a deployment must agree with (listeners,
+        /// shutdown grace, admin token, fleet mode) as one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the simulator and the proxy in front of it, and print curl commands to try.
     ///
@@ -64,8 +68,12 @@ fn main() -> ExitCode {
     // `--config` may come before the subcommand or after it.
     let config_file = |own: ConfigArg| own.config.or(cli.config.config.clone());
     match command {
-        Command::CheckConfig { file } => {
+        Command::CheckConfig { file, json } => {
             match Config::load(file.or(cli.config.config.clone()).as_deref()) {
+                Ok(config) if json => {
+                    println!("{}", config.deployment_summary());
+                    ExitCode::SUCCESS
+                }
                 Ok(_) => {
                     println!("tpns-cache: the configuration is valid");
                     ExitCode::SUCCESS

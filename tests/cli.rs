@@ -77,6 +77,51 @@ fn invalid_values_are_all_reported() {
     );
 }
 
+/// `check-config` loads exactly as `serve` does (file, environment, secrets): 0 for the shipped
+/// configuration, 2 naming every problem otherwise; `--json` prints the effective settings.
+#[test]
+fn check_config_validates_like_serve() {
+    let (code, out, err) = run(&["check-config", "config/tpns-cache.toml"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid"), "{out}");
+
+    let dir = std::env::temp_dir().join(format!("tpns-cache-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:18080\"\nshutdown_grace = \"2500ms\"\n\
+         [admin]\ntoken_file = \"/nonexistent/admin-token\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["check-config", file.to_str().unwrap()], &[]);
+    assert_eq!(
+        code, 2,
+        "a missing secret file is refused as serve would: {err}"
+    );
+    assert!(err.contains("admin.token_file"), "{err}");
+
+    let token = dir.join("admin-token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let env = [
+        ("TPNS_CACHE_ADMIN__TOKEN_FILE", token.to_str().unwrap()),
+        ("TPNS_CACHE_REDIS__URL", "redis://127.0.0.1:1/0"),
+    ];
+    let (code, out, err) = run(&["check-config", "--json", file.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["listen"], "127.0.0.1:18080");
+    assert_eq!(
+        v["admin_listen"], "127.0.0.1:9090",
+        "the default, from the binary"
+    );
+    assert_eq!(v["shutdown_grace_seconds"], 2.5);
+    assert_eq!(v["admin_token"], true);
+    assert_eq!(v["fleet"], true, "the environment layer applies");
+    assert!(!out.contains("t0ken"), "never the secret itself: {out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Starts `serve` on ephemeral ports, reads the bound address from its log, checks it answers,
 /// then sends SIGTERM and expects a clean exit.
 #[test]

@@ -396,6 +396,24 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The effective settings a deployment must agree with, as JSON (`check-config --json`):
+    /// the listeners its ports and probes name, the shutdown grace its termination period must
+    /// exceed, whether the admin token is set and fleet mode is on. Computed from the loaded
+    /// configuration (defaults, file and environment), so a deployment check never re-reads the
+    /// TOML or repeats a default. Holds no secret: only whether one is configured.
+    pub fn deployment_summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listen": self.listen.to_string(),
+            "admin_listen": self.admin_listen.to_string(),
+            "shutdown_grace_seconds": self.shutdown_grace.as_secs_f64(),
+            "admin_token": self.admin.token_file.is_some() || self.admin.token_env.is_some(),
+            "cache_max_bytes": self.cache.max_bytes.as_u64(),
+            "fleet": !self.redis.url.is_empty(),
+        })
+    }
+}
+
 /// Figment's messages name the key in `path`; make sure every message leads with it.
 fn describe_figment_error(e: figment::Error) -> String {
     let key = e.path.join(".");
