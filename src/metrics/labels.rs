@@ -103,7 +103,7 @@ label!(
 
 impl RetClass {
     pub(crate) fn of_code(ret_code: i64) -> RetClass {
-        use crate::api::code;
+        use tpns_wire::code;
         match ret_code {
             code::OK => RetClass::Ok,
             code::BATCH_PARTLY_FAILED => RetClass::BatchPartial,
