@@ -37,6 +37,7 @@ pub mod cache;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub(crate) mod egress;
 pub(crate) mod fetch;
 pub(crate) mod fleet;
 pub(crate) mod http;
@@ -152,7 +153,7 @@ fn build(config: Config, clock: Clock) -> Result<Built, RunError> {
         let metrics = fleet::FleetMetrics::register(&registry)?;
         Some(
             fleet::Link::start(
-                &config.redis.url,
+                fleet::Target::from_config(&config.redis).map_err(RunError::Fleet)?,
                 config.redis.timeout,
                 &config.redis.key_prefix,
                 &config.upstream.url,

@@ -68,7 +68,7 @@ pub(crate) fn unix_seconds() -> i64 {
 /// The pooled client and the limits every call obeys.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    client: Client<HttpsConnector<crate::egress::Connector>, ProxyBody>,
     base: BaseUrl,
     timeout: Duration,
     max_response_bytes: usize,
@@ -81,11 +81,16 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout));
+        let uri: http::Uri = cfg.url.parse().map_err(|e| format!("upstream.url: {e}"))?;
+        let route = crate::egress::proxy_route(cfg, &uri, |v| std::env::var(v).ok())?;
+        if let Some(route) = &route {
+            tracing::info!(proxy = %route.uri, "upstream connections go through a CONNECT proxy");
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(crate::egress::tls_config(cfg)?)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(crate::egress::Connector::new(http, route));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))

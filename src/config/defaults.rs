@@ -83,6 +83,10 @@ impl Default for Config {
                 connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
                 max_batch: DEFAULT_UPSTREAM_MAX_BATCH,
                 max_response_bytes: ByteSize::b(DEFAULT_UPSTREAM_MAX_RESPONSE_BYTES),
+                ca_file: None,
+                proxy: String::new(),
+                proxy_auth_file: None,
+                proxy_auth_env: None,
             },
             cache: CacheConfig {
                 ttl: DEFAULT_CACHE_TTL,
@@ -142,6 +146,11 @@ impl Default for Config {
                 timeout: DEFAULT_REDIS_TIMEOUT,
                 key_prefix: DEFAULT_REDIS_KEY_PREFIX.to_owned(),
                 local_share: DEFAULT_REDIS_LOCAL_SHARE,
+                cluster: false,
+                username: String::new(),
+                password_file: None,
+                password_env: None,
+                ca_file: None,
             },
             log: LogConfig {
                 level: DEFAULT_LOG_LEVEL.to_owned(),

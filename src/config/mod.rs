@@ -63,6 +63,21 @@ pub struct RedisConfig {
     /// While Redis is unavailable, this sidecar may use this share of `shield.calls_per_second`
     /// on its own (e.g. 1/N for N sidecars).
     pub local_share: f64,
+    /// Redis Cluster: `url` lists one or more seed nodes, comma-separated.
+    #[serde(default)]
+    pub cluster: bool,
+    /// ACL user; empty: the default user (`AUTH <password>` alone, when a password is set).
+    #[serde(default)]
+    pub username: String,
+    /// File holding the password (of `username`, or of the default user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// CA certificates (PEM) trusted for `rediss://` in place of the web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where a secret comes from: a file (a mounted Kubernetes Secret) or an environment variable.
@@ -98,6 +113,20 @@ pub struct UpstreamConfig {
     pub max_batch: usize,
     /// Upstream answers larger than this are refused (never cached).
     pub max_response_bytes: ByteSize,
+    /// Extra trusted CA certificates (PEM) for the upstream's TLS, on top of the built-in web
+    /// PKI roots: private PKI, or a TLS-inspecting egress proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Egress through an HTTP CONNECT proxy: `""` none, `"env"` the conventional
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/`NO_PROXY` variables, or `http://host:port`.
+    #[serde(default)]
+    pub proxy: String,
+    /// File holding the proxy's `user:password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_auth_file: Option<PathBuf>,
+    /// Environment variable holding the proxy's `user:password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_auth_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,22 @@ impl Config {
         if self.shutdown_grace > Duration::from_secs(600) {
             problems.push("shutdown_grace: must be at most 10m".to_owned());
         }
+        if let Err(why) = crate::egress::tls_config(&self.upstream) {
+            problems.push(why);
+        }
+        if let Ok(uri) = self.upstream.url.parse::<http::Uri>() {
+            if let Err(why) =
+                crate::egress::proxy_route(&self.upstream, &uri, |v| std::env::var(v).ok())
+            {
+                problems.push(why);
+            }
+        }
+        if self.upstream.proxy_auth_file.is_some() && self.upstream.proxy_auth_env.is_some() {
+            problems.push(
+                "upstream.proxy_auth_file and upstream.proxy_auth_env are both set; set only one"
+                    .to_owned(),
+            );
+        }
         if self.upstream.timeout.is_zero() {
             problems.push("upstream.timeout: must be greater than 0".to_owned());
         }
@@ -215,9 +231,22 @@ impl Config {
             problems.push(e);
         }
         if !self.redis.url.is_empty() {
-            if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
-                problems.push(format!("redis.url: {e}"));
+            if let Err(e) = crate::fleet::Target::from_config(&self.redis) {
+                problems.push(e);
             }
+        } else if self.redis.cluster
+            || !self.redis.username.is_empty()
+            || self.redis.password_file.is_some()
+            || self.redis.password_env.is_some()
+            || self.redis.ca_file.is_some()
+        {
+            problems
+                .push("redis.url: empty (fleet mode off), but other redis keys are set".to_owned());
+        }
+        if self.redis.password_file.is_some() && self.redis.password_env.is_some() {
+            problems.push(
+                "redis.password_file and redis.password_env are both set; set only one".to_owned(),
+            );
         }
         if self.redis.timeout.is_zero() || self.redis.timeout > Duration::from_secs(5) {
             problems.push("redis.timeout: must be between 1ms and 5s".to_owned());

@@ -224,7 +224,7 @@ mod tests {
         let config = Config::default();
         let metrics = FleetMetrics::register(&prometheus::Registry::new()).expect("metrics");
         let link = Link::start(
-            "redis://127.0.0.1:1/0",
+            crate::fleet::Target::node("redis://127.0.0.1:1/0"),
             config.redis.timeout,
             "t",
             "http://u",

@@ -63,12 +63,14 @@ impl Bus {
         F: Fn(Invalidation) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send,
     {
-        let client = self.link.client().clone();
+        // On a cluster a PUBLISH reaches every node, so one subscription to any seed node
+        // hears the whole fleet; when it breaks, the next seed is tried.
+        let clients = self.link.target().pubsub_clients();
         let channel = self.channel.clone();
         let own = self.link.origin();
         tokio::spawn(async move {
             use futures_util::StreamExt;
-            loop {
+            for client in clients.iter().cycle() {
                 let pubsub = match client.get_async_pubsub().await {
                     Ok(mut p) => p.subscribe(&channel).await.ok().map(|()| p),
                     Err(_) => None,
@@ -102,7 +104,7 @@ mod tests {
             let metrics =
                 super::super::FleetMetrics::register(&prometheus::Registry::new()).expect("m");
             Link::start(
-                &redis.url(),
+                super::super::Target::node(&redis.url()),
                 Duration::from_millis(200),
                 "t",
                 "http://u",

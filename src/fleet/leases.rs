@@ -92,7 +92,14 @@ mod tests {
     fn link(url: &str) -> Link {
         let metrics =
             super::super::FleetMetrics::register(&prometheus::Registry::new()).expect("metrics");
-        Link::start(url, Duration::from_millis(200), "t", "http://u", metrics).expect("link")
+        Link::start(
+            super::super::Target::node(url),
+            Duration::from_millis(200),
+            "t",
+            "http://u",
+            metrics,
+        )
+        .expect("link")
     }
 
     async fn up(l: &Link) {

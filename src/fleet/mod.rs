@@ -15,15 +15,16 @@ pub(crate) mod bus;
 pub(crate) mod leases;
 pub(crate) mod metrics;
 pub(crate) mod quota;
+pub(crate) mod target;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub(crate) use metrics::FleetMetrics;
+pub(crate) use target::{Conn, Target};
 
 /// The connection to the fleet's Redis, shared by every fleet component.
 #[derive(Clone)]
@@ -32,8 +33,8 @@ pub(crate) struct Link {
 }
 
 struct LinkInner {
-    client: redis::Client,
-    conn: RwLock<Option<ConnectionManager>>,
+    target: Target,
+    conn: RwLock<Option<Conn>>,
     up: AtomicBool,
     timeout: Duration,
     /// `redis.key_prefix`.
@@ -58,19 +59,18 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// Starts connecting in the background; returns at once.
     pub(crate) fn start(
-        url: &str,
+        target: Target,
         timeout: Duration,
         prefix: &str,
         upstream: &str,
         metrics: FleetMetrics,
     ) -> Result<Link, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
         let mut origin = [0u8; 8];
         getrandom::fill(&mut origin).map_err(|e| e.to_string())?;
         let digest = <sha2::Sha256 as sha2::Digest>::digest(upstream.as_bytes());
         let link = Link {
             inner: Arc::new(LinkInner {
-                client,
+                target,
                 conn: RwLock::new(None),
                 up: AtomicBool::new(false),
                 timeout,
@@ -91,12 +91,7 @@ impl Link {
                 let Some(link) = inner.upgrade() else {
                     return;
                 };
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Duration::from_secs(1))
-                    .set_response_timeout(link.timeout)
-                    .set_number_of_retries(1)
-                    .set_max_delay(1000);
-                match ConnectionManager::new_with_config(link.client.clone(), config).await {
+                match link.target.connect(link.timeout).await {
                     Ok(m) => {
                         *link.conn.write() = Some(m);
                         Link { inner: link }.mark(true);
@@ -129,15 +124,27 @@ impl Link {
         self.inner.origin
     }
 
-    pub(crate) fn client(&self) -> &redis::Client {
-        &self.inner.client
+    pub(crate) fn target(&self) -> &Target {
+        &self.inner.target
     }
 
-    /// A Redis key under this fleet's prefix: `<prefix>:v1:<kind>:<upstream tag>[:<rest>]`.
+    /// A Redis key under this fleet's prefix: `<prefix>:v1:<kind>:<upstream tag>[:<rest>]`,
+    /// where `rest`, when given, starts with the app's name (`<app>[:<more>]`).
+    ///
+    /// On a Redis Cluster the upstream tag and the app are a hash tag,
+    /// `<prefix>:v1:<kind>:{<upstream tag>:<app>}[:<more>]`, so every key of one app (its
+    /// generation, entries and leases) lives in one hash slot: the generation and the entries
+    /// are read in one atomic MGET, and pipelines and scripts stay on one node. The price: one
+    /// app's shared tier sits on one shard. (A single server keeps the layout without braces,
+    /// so existing fleets keep their keys.)
     pub(crate) fn key(&self, kind: &str, rest: &str) -> String {
         let (prefix, tag) = (&self.inner.prefix, &self.inner.tag);
         if rest.is_empty() {
             format!("{prefix}:v1:{kind}:{tag}")
+        } else if self.inner.target.is_cluster() {
+            let (app, more) = rest.split_once(':').map_or((rest, ""), |(a, m)| (a, m));
+            let sep = if more.is_empty() { "" } else { ":" };
+            format!("{prefix}:v1:{kind}:{{{tag}:{app}}}{sep}{more}")
         } else {
             format!("{prefix}:v1:{kind}:{tag}:{rest}")
         }
@@ -148,7 +155,7 @@ impl Link {
         format!("{}:v1:{name}", self.inner.prefix)
     }
 
-    pub(crate) fn connection(&self) -> Option<ConnectionManager> {
+    pub(crate) fn connection(&self) -> Option<Conn> {
         self.inner.conn.read().clone()
     }
 

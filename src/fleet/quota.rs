@@ -90,8 +90,14 @@ mod tests {
     async fn link(url: &str) -> Link {
         let metrics =
             super::super::FleetMetrics::register(&prometheus::Registry::new()).expect("metrics");
-        let l =
-            Link::start(url, Duration::from_millis(200), "t", "http://u", metrics).expect("link");
+        let l = Link::start(
+            super::super::Target::node(url),
+            Duration::from_millis(200),
+            "t",
+            "http://u",
+            metrics,
+        )
+        .expect("link");
         for _ in 0..200 {
             if l.connection().is_some() {
                 return l;

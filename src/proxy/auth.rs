@@ -2,7 +2,7 @@
 //! credentials sent upstream on its behalf. What the upstream said of a credential is kept in
 //! [`crate::trust`].
 //!
-//! Modes (see the README): Basic pass-through; signature pass-through, verified and re-signed
+//! Modes (see docs/behaviour.md): Basic pass-through; signature pass-through, verified and re-signed
 //! for apps whose SecretKey the proxy holds (`auth.apps`), forwarded byte-for-byte otherwise;
 //! injection (`auth.inject`) for requests that arrive with no credentials at all.
 //!

@@ -1,5 +1,5 @@
 //! `Cache-Status` (RFC 9211): what the cache did with a request, as a typed value rendered in
-//! one place. Every value the proxy can send is listed in the README.
+//! one place. Every value the proxy can send is listed in `docs/behaviour.md` (a test checks it).
 
 use http::HeaderValue;
 
@@ -148,6 +148,72 @@ mod tests {
             ),
         ] {
             assert_eq!(status.header().to_str().unwrap(), text);
+        }
+    }
+
+    /// Every value the proxy can send is in the documentation's Cache-Status table.
+    #[test]
+    fn every_value_is_documented() {
+        use crate::api::error::ClientError;
+        use std::time::Duration;
+        let docs = include_str!("../../docs/behaviour.md");
+        let table = &docs[docs
+            .find("## Cache-Status")
+            .expect("a Cache-Status section")..];
+        let served = Served {
+            from_cache: 2,
+            total: 3,
+            stale: 0,
+            upstream_unavailable: false,
+        };
+        let kinds = [
+            ClientError::Unparseable(String::new()),
+            ClientError::MissingParameter("x"),
+            ClientError::InvalidParameter(String::new()),
+            ClientError::BodyTooLarge { limit: 1 },
+            ClientError::ClientBody(String::new()),
+            ClientError::ClientTimeout(Duration::from_secs(1)),
+            ClientError::AuthFailed("x"),
+            ClientError::Overloaded("x"),
+        ]
+        .map(|e| CacheStatus::Invalid(e.class().kind));
+        let mut all = vec![
+            CacheStatus::Hit(Served {
+                from_cache: 3,
+                ..served
+            }),
+            CacheStatus::Partial(served),
+            CacheStatus::Miss(Served {
+                from_cache: 0,
+                ..served
+            }),
+            CacheStatus::Unverified,
+            CacheStatus::Refused,
+            CacheStatus::Forwarded,
+            CacheStatus::UpstreamRefused,
+            CacheStatus::UpstreamError,
+            CacheStatus::ForwardFailed,
+        ];
+        all.extend(BypassReason::ALL.iter().map(|r| CacheStatus::Bypass(*r)));
+        all.extend(kinds);
+        for status in all {
+            let params = status.params();
+            // A detail listed among several ("a", "b") is documented by its quoted value.
+            let documented = table.contains(&format!("`{params}`"))
+                || params.split_once("detail=").is_some_and(|(head, detail)| {
+                    table.contains(&format!("`{head}detail={detail}`"))
+                        || (head == "fwd=bypass; " && table.contains(&format!("`{detail}`")))
+                });
+            assert!(
+                documented,
+                "docs/behaviour.md lacks Cache-Status `{params}`"
+            );
+        }
+        for suffix in [", stale 1`", ", stale 2, upstream unavailable`"] {
+            assert!(
+                table.contains(suffix),
+                "docs lack the detail suffix {suffix}"
+            );
         }
     }
 }

@@ -20,6 +20,8 @@ use tpns_cache::config::Config;
 use tpns_cache::Listeners;
 use tpns_sim::{SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SECRET_KEY};
 
+pub mod pki;
+
 pub const APP: (&str, &str) = (DEMO_ACCESS_ID, DEMO_SECRET_KEY);
 pub const OTHER_APP: (&str, &str) = ("1500009999", "other-app-secret");
 pub const QUERY: &str = "/v3/device/account/query";
