@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use tpns_sim::redis::RedisServer as Redis;
+use tpns_cache::config::Config;
+use tpns_sim::redis::{RedisCluster, RedisServer as Redis};
 use tpns_sim::{token_name, Simulator};
 
 /// A proxy in front of an existing simulator.
@@ -46,16 +47,20 @@ fn max_in_window(arrivals: &[u64], width_ms: u64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_proxies_under_a_burst_stay_under_one_fleet_quota() {
+    let redis = Redis::start();
+    burst_stays_under_one_quota(&|c| c.redis.url = redis.url()).await;
+}
+
+/// Three proxies reaching Redis `via` share one upstream quota under a burst.
+async fn burst_stays_under_one_quota(via: &(dyn Fn(&mut Config) + Sync)) {
     const RATE: u32 = 4;
     const BURST: u32 = 4;
-    let redis = Redis::start();
     let base = Harness::start().await; // owns the simulator
     let mut proxies = Vec::new();
     for _ in 0..3 {
-        let url = redis.url();
         proxies.push(Arc::new(
             proxy(&base.sim, base.sim_addr, |c| {
-                c.redis.url = url;
+                via(c);
                 c.shield.calls_per_second = RATE;
                 c.shield.burst = BURST;
                 c.shield.max_wait = Duration::from_millis(1500);
@@ -190,11 +195,16 @@ async fn wait_for(p: &Harness, series: &str, at_least: f64) {
 }
 
 async fn fleet_of_three(redis: &Redis, base: &Harness) -> Vec<Harness> {
+    fleet_of_three_via(&|c| c.redis.url = redis.url(), base).await
+}
+
+/// Three proxies in front of `base`'s simulator, reaching Redis `via`, each with an accepted
+/// credential.
+async fn fleet_of_three_via(via: &(dyn Fn(&mut Config) + Sync), base: &Harness) -> Vec<Harness> {
     let mut proxies = Vec::new();
     for i in 0..3 {
-        let url = redis.url();
         let p = proxy(&base.sim, base.sim_addr, |c| {
-            c.redis.url = url;
+            via(c);
             c.cache.invalidate_again_after = Duration::ZERO;
         })
         .await;
@@ -221,8 +231,14 @@ fn big_sim() -> tpns_sim::SimConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_proxies_sharing_redis_fetch_each_cold_identifier_once() {
     let redis = Redis::start();
+    cold_identifiers_fetched_once(&|c| c.redis.url = redis.url()).await;
+}
+
+/// Through the shared tier reached `via`, 20 cold identifiers asked of three proxies in turn
+/// go upstream once in total.
+async fn cold_identifiers_fetched_once(via: &(dyn Fn(&mut Config) + Sync)) {
     let base = Harness::with(big_sim(), |_| {}).await;
-    let proxies = fleet_of_three(&redis, &base).await;
+    let proxies = fleet_of_three_via(via, &base).await;
     base.sim.reset_stats();
     let names: Vec<String> = (0..20).map(token_name).collect();
     let body = tokens_body(&names.iter().map(String::as_str).collect::<Vec<_>>());
@@ -252,9 +268,14 @@ async fn three_proxies_sharing_redis_fetch_each_cold_identifier_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_proxy_invalidates_the_others() {
     let redis = Redis::start();
+    write_invalidates_the_others(&|c| c.redis.url = redis.url()).await;
+}
+
+/// A write through one of three proxies reaching Redis `via` reaches the other two.
+async fn write_invalidates_the_others(via: &(dyn Fn(&mut Config) + Sync)) {
     let base = Harness::with(big_sim(), |_| {}).await;
     base.sim.bind(APP.0, "tw", "before", 0);
-    let proxies = fleet_of_three(&redis, &base).await;
+    let proxies = fleet_of_three_via(via, &base).await;
     let body = tokens_body(&["tw"]);
     for p in &proxies {
         assert!(p.query(&body).await.body_text().contains("before"));
@@ -535,3 +556,67 @@ async fn leases_are_released_when_a_fetch_writes_nothing() {
 }
 
 // The lease ownership regression test sits beside the leases, in src/fleet/leases.rs.
+
+/// A Redis Cluster of three masters: the fleet quota (a script on the quota key's node), the
+/// shared tier (an app's generation and entries in one hash slot, read in one MGET) and the
+/// invalidation bus (a subscription to one seed hears PUBLISH from any node) all work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_serves_quota_shared_tier_and_invalidations() {
+    let cluster = RedisCluster::start(3);
+    let via = |c: &mut Config| {
+        c.redis.url = cluster.seeds();
+        c.redis.cluster = true;
+    };
+    burst_stays_under_one_quota(&via).await;
+    cold_identifiers_fetched_once(&via).await;
+    write_invalidates_the_others(&via).await;
+    let keys = cluster.keys_per_node();
+    assert!(
+        keys.iter().sum::<u64>() > 20,
+        "the shared tier wrote to the cluster: {keys:?}"
+    );
+}
+
+/// `rediss://` with a private CA (`redis.ca_file`) and an ACL user whose password comes from a
+/// file; the default user is off, so nothing works without those credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_an_acl_user() {
+    let pki = common::pki::Pki::new("redis-tls");
+    let redis = Redis::start_tls(
+        &pki.cert_file,
+        &pki.key_file,
+        &pki.ca_file,
+        &[
+            "--user", "default", "off", "--user", "tpns", "on", ">tls-acl-pw", "~*", "&*", "+@all",
+        ],
+    );
+    let password = pki.dir.file("redis-password", "tls-acl-pw\n");
+    let via = |c: &mut Config| {
+        c.redis.url = redis.url();
+        c.redis.ca_file = Some(pki.ca_file.clone());
+        c.redis.username = "tpns".into();
+        c.redis.password_file = Some(password.clone());
+    };
+    assert!(redis.url().starts_with("rediss://"));
+    cold_identifiers_fetched_once(&via).await;
+    write_invalidates_the_others(&via).await;
+
+    // Without the CA the server is not trusted; with a wrong password it refuses us: in both
+    // cases the sidecar serves alone (Redis down), and says so.
+    let wrong = pki.dir.file("wrong-password", "nope\n");
+    for (what, tweak) in [
+        ("no CA", Box::new(|c: &mut Config| c.redis.ca_file = None) as Box<dyn Fn(&mut Config)>),
+        ("wrong password", Box::new(|c: &mut Config| c.redis.password_file = Some(wrong.clone()))),
+    ] {
+        let base = Harness::with(sim_config(), |c| {
+            via(c);
+            tweak(c);
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let m = base.metrics().await;
+        assert_eq!(sample(&m, "tpns_cache_redis_up"), 0.0, "{what}");
+        let r = base.query(&tokens_body(&[&token_name(3)])).await;
+        assert_eq!(r.ret_code(), 0, "{what}: the sidecar serves alone: {}", r.body_text());
+    }
+}
