@@ -180,3 +180,91 @@ fn serve_answers_and_exits_0_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Listener addresses: `localhost` is loopback, other host names are explained; a port in use
+/// names the key and the variable that move it.
+#[test]
+fn listen_addresses_and_ports_in_use_are_explained() {
+    let (code, out, err) = run(
+        &["check-config", "--json"],
+        &[("TPNS_CACHE_LISTEN", "localhost:18081")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"listen\":\"127.0.0.1:18081\""), "{out}");
+    let (code, _, err) = run(&["check-config"], &[("TPNS_CACHE_LISTEN", "myhost:8080")]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("listen") && err.contains("not an IP address and port"),
+        "{err}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run(
+        &["serve"],
+        &[
+            ("TPNS_CACHE_LISTEN", "127.0.0.1:0"),
+            ("TPNS_CACHE_ADMIN_LISTEN", addr.as_str()),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("in use")
+            && err.contains("admin_listen")
+            && err.contains("TPNS_CACHE_ADMIN_LISTEN"),
+        "{err}"
+    );
+}
+
+/// `simulate` shows its listen default, refuses a --config it would ignore, and logs the port
+/// it really bound when given port 0; log lines carry no colour codes when stderr is not a
+/// terminal.
+#[test]
+fn simulate_is_honest_about_its_options_and_its_port() {
+    let (code, out, _) = run(&["simulate", "--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("[default: 127.0.0.1:"), "{out}");
+    let (code, _, err) = run(&["--config", "x.toml", "simulate"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("takes no --config"), "{err}");
+
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut port = None;
+    for line in BufReader::new(stderr).lines().take(20) {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(at) = line.find("127.0.0.1:") {
+            let digits: String = line[at + 10..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let Ok(p) = digits.parse::<u16>() {
+                if p != 0 {
+                    port = Some(p);
+                    break;
+                }
+            }
+        }
+    }
+    let port = port.unwrap_or_else(|| panic!("no real port logged: {seen}"));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "it listens on {port}"
+    );
+    assert!(
+        !seen.contains('\u{1b}'),
+        "no ANSI escapes without a terminal: {seen:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

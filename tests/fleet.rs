@@ -578,7 +578,8 @@ async fn a_redis_cluster_serves_quota_shared_tier_and_invalidations() {
 }
 
 /// `rediss://` with a private CA (`redis.ca_file`) and an ACL user whose password comes from a
-/// file; the default user is off, so nothing works without those credentials.
+/// file, allowed only the commands, keys and channel docs/fleet.md lists; the default user is
+/// off, so nothing works without those credentials.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca_and_an_acl_user() {
     let pki = common::pki::Pki::new("redis-tls");
@@ -586,9 +587,12 @@ async fn rediss_with_a_private_ca_and_an_acl_user() {
         &pki.cert_file,
         &pki.key_file,
         &pki.ca_file,
-        &[
-            "--user", "default", "off", "--user", "tpns", "on", ">tls-acl-pw", "~*", "&*", "+@all",
-        ],
+        // The user holds exactly what docs/fleet.md says the sidecar needs.
+        &"--user default off --user tpns on >tls-acl-pw ~tpns-cache:* &tpns-cache:* -@all \
+          +get +set +mget +del +evalsha +script|load +publish +subscribe +time \
+          --user inspector on >inspect ~* &* +@all"
+            .split_whitespace()
+            .collect::<Vec<_>>(),
     );
     let password = pki.dir.file("redis-password", "tls-acl-pw\n");
     let via = |c: &mut Config| {
@@ -600,13 +604,25 @@ async fn rediss_with_a_private_ca_and_an_acl_user() {
     assert!(redis.url().starts_with("rediss://"));
     cold_identifiers_fetched_once(&via).await;
     write_invalidates_the_others(&via).await;
+    burst_stays_under_one_quota(&via).await;
+    let denied = redis.cli(&["--user", "inspector", "--pass", "inspect", "ACL", "LOG"]);
+    assert!(
+        denied.is_empty(),
+        "the sidecar needed more than the documented ACL: {denied}"
+    );
 
     // Without the CA the server is not trusted; with a wrong password it refuses us: in both
     // cases the sidecar serves alone (Redis down), and says so.
     let wrong = pki.dir.file("wrong-password", "nope\n");
     for (what, tweak) in [
-        ("no CA", Box::new(|c: &mut Config| c.redis.ca_file = None) as Box<dyn Fn(&mut Config)>),
-        ("wrong password", Box::new(|c: &mut Config| c.redis.password_file = Some(wrong.clone()))),
+        (
+            "no CA",
+            Box::new(|c: &mut Config| c.redis.ca_file = None) as Box<dyn Fn(&mut Config)>,
+        ),
+        (
+            "wrong password",
+            Box::new(|c: &mut Config| c.redis.password_file = Some(wrong.clone())),
+        ),
     ] {
         let base = Harness::with(sim_config(), |c| {
             via(c);
@@ -617,6 +633,11 @@ async fn rediss_with_a_private_ca_and_an_acl_user() {
         let m = base.metrics().await;
         assert_eq!(sample(&m, "tpns_cache_redis_up"), 0.0, "{what}");
         let r = base.query(&tokens_body(&[&token_name(3)])).await;
-        assert_eq!(r.ret_code(), 0, "{what}: the sidecar serves alone: {}", r.body_text());
+        assert_eq!(
+            r.ret_code(),
+            0,
+            "{what}: the sidecar serves alone: {}",
+            r.body_text()
+        );
     }
 }

@@ -34,8 +34,19 @@ fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn the_scrape_parses_and_counters_move() {
     let h = Harness::start().await;
-    let (_, before) = scrape(&h).await;
+    let (before_text, before) = scrape(&h).await;
     assert_eq!(value(&before, "tpns_cache_build_info", &[]), 1.0);
+    // Fleet mode is off: no Redis series that would read as an outage on a dashboard.
+    for fleet_only in [
+        "tpns_cache_redis_up",
+        "tpns_cache_redis_errors_total",
+        "tpns_cache_fleet_fallbacks_total",
+    ] {
+        assert!(
+            !before_text.contains(fleet_only),
+            "{fleet_only} exported without fleet mode"
+        );
+    }
     let body = tokens_body(&["token1", "token2", "token3"]);
     h.query(&body).await;
     h.query(&body).await;

@@ -26,8 +26,10 @@ pub use secrets::{read_secret, Injected, Keys, Secret};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Address of the proxy listener the app talks to.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(deserialize_with = "listen_addr")]
     pub admin_listen: SocketAddr,
     /// On SIGTERM/SIGINT: stop accepting, report not-ready, and give in-flight requests this long
     /// to finish before exiting.
@@ -441,6 +443,30 @@ impl Config {
             "fleet": !self.redis.url.is_empty(),
         })
     }
+}
+
+/// A listener address: an IP address and a port. `localhost:<port>` is taken as
+/// `127.0.0.1:<port>`; any other host name is refused with a message saying why (a listener
+/// binds an address, and a sidecar's is normally loopback).
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// See [`listen_addr`].
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    Err(format!(
+        "`{text}` is not an IP address and port, such as 127.0.0.1:8080 or 0.0.0.0:9090 \
+         (a listener binds an address; host names other than localhost are not resolved)"
+    ))
 }
 
 /// Figment's messages name the key in `path`; make sure every message leads with it.

@@ -11,7 +11,8 @@ use std::time::Duration;
 pub struct RedisServer {
     child: Child,
     port: u16,
-    tls: bool,
+    /// The CA file, when it serves TLS.
+    tls: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -53,7 +54,7 @@ impl RedisServer {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let mut server = Self::spawn(0, &all);
         server.port = port;
-        server.tls = true;
+        server.tls = Some(ca.to_path_buf());
         server.wait_listening();
         server
     }
@@ -85,7 +86,7 @@ impl RedisServer {
         RedisServer {
             child,
             port,
-            tls: false,
+            tls: None,
         }
     }
 
@@ -114,14 +115,22 @@ impl RedisServer {
 
     /// `redis://127.0.0.1:<port>/0`, or `rediss://…` when it serves TLS.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Runs one command with `redis-cli`; its output, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if let Some(ca) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd
             .args(args)
             .output()
             .expect("redis-cli comes with redis-server");
@@ -179,7 +188,10 @@ impl RedisCluster {
                 ],
             ));
         }
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
