@@ -1,11 +1,14 @@
-//! The admin listener: `/metrics` (Prometheus text format), `/healthz` (the process is alive),
+//! The admin listener: `/` (the status page) and `/status.json` ([`crate::status`]),
+//! `/metrics` (Prometheus text format), `/healthz` (the process is alive),
 //! `/readyz` (configured, listening, not shutting down; deliberately not tied to upstream
 //! health, so an upstream outage does not make every app pod restart), and `POST /purge` (drop
 //! cached entries of an app, by identifier or all of them).
 //!
 //! `/purge` needs `Authorization: Bearer <admin token>` when a token is configured; without one
 //! it answers only on a loopback listener (anyone who can reach a non-loopback admin port could
-//! otherwise empty the cache and spend the quota).
+//! otherwise empty the cache and spend the quota). The read-only endpoints (`/`,
+//! `/status.json`, `/metrics`, the probes) need no token: they show counts and settings, never
+//! a secret or an identifier.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,9 +27,11 @@ use crate::config::Secret;
 use crate::http::{json_response, text_response, with_type, ProxyBody};
 use crate::metrics::labels::InvalidationSource;
 use crate::proxy::Proxy;
+use crate::status::Status;
 
 #[derive(Debug)]
 pub(crate) struct Admin {
+    pub(crate) status: Status,
     pub(crate) registry: Registry,
     pub(crate) proxy: Arc<Proxy>,
     /// Bearer token for admin write endpoints.
@@ -149,32 +154,85 @@ pub(crate) async fn handle(admin: Arc<Admin>, req: Request<Incoming>) -> Respons
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match req.uri().path() {
-        "/metrics" => {
-            let proxy = &admin.proxy;
-            proxy.cache.refresh_gauges().await;
-            let fetcher = &proxy.fetcher;
-            let caller = fetcher.caller();
-            caller
-                .metrics
-                .inflight
-                .set(i64::try_from(fetcher.inflight()).unwrap_or(i64::MAX));
-            caller
-                .shield
-                .metrics()
-                .breaker_state
-                .set(caller.shield.breaker_state().as_gauge());
-            with_type(
+        "/metrics" => with_type(
+            StatusCode::OK,
+            metrics_text(&admin).await,
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        "/status.json" => {
+            let snapshot = admin.status.snapshot(&metrics_text(&admin).await);
+            let mut resp = json_response(
                 StatusCode::OK,
-                crate::metrics::encode(&admin.registry),
-                "text/plain; version=0.0.4; charset=utf-8",
-            )
+                serde_json::to_string(&snapshot).unwrap_or_default(),
+            );
+            resp.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            resp
+        }
+        "/" => {
+            let page = admin.status.page();
+            let mut resp = with_type(
+                StatusCode::OK,
+                page.html.clone(),
+                "text/html; charset=utf-8",
+            );
+            let headers = resp.headers_mut();
+            if let Ok(csp) = http::HeaderValue::from_str(&page.csp) {
+                headers.insert(http::header::CONTENT_SECURITY_POLICY, csp);
+            }
+            headers.insert(
+                http::header::X_CONTENT_TYPE_OPTIONS,
+                http::HeaderValue::from_static("nosniff"),
+            );
+            headers.insert(
+                http::header::REFERRER_POLICY,
+                http::HeaderValue::from_static("no-referrer"),
+            );
+            resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or /readyz\n",
+            "not found: try /, /status.json, /metrics, /healthz or /readyz\n",
         ),
     }
+}
+
+/// The Prometheus text of every metric, gauges brought up to date first: what `/metrics`
+/// serves, and what the status page reads.
+async fn metrics_text(admin: &Admin) -> String {
+    let proxy = &admin.proxy;
+    proxy.cache.refresh_gauges().await;
+    let fetcher = &proxy.fetcher;
+    let caller = fetcher.caller();
+    caller
+        .metrics
+        .inflight
+        .set(i64::try_from(fetcher.inflight()).unwrap_or(i64::MAX));
+    caller
+        .shield
+        .metrics()
+        .breaker_state
+        .set(caller.shield.breaker_state().as_gauge());
+    String::from_utf8(crate::metrics::encode(&admin.registry)).unwrap_or_default()
+}
+
+/// Samples the status page's history every [`crate::status::SAMPLE_EVERY`] while `admin`
+/// lives.
+pub(crate) fn start_sampling(admin: &Arc<Admin>) {
+    let weak = Arc::downgrade(admin);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::status::SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(admin) = weak.upgrade() else { return };
+            let text = metrics_text(&admin).await;
+            admin.status.sample(&text);
+        }
+    });
 }

@@ -88,6 +88,7 @@ pub fn instructions(proxy: SocketAddr, admin: SocketAddr, sim: SocketAddr) -> St
         "tpns-cache demo is running.
   proxy      http://{proxy}   (point your app's TPNS base URL here)
   simulator  http://{sim}   (a TPNS stand-in; app {DEMO_ACCESS_ID}, {DEMO_ACCOUNTS} accounts, {DEMO_TOKENS} tokens + the seed's examples)
+  status     http://{admin}/   (open it in a browser: hit ratio, what the upstream was spared, quota, cache)
   metrics    http://{admin}/metrics
 
 Paste these in another terminal and watch the Cache-Status header:

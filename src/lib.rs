@@ -48,6 +48,7 @@ pub(crate) mod server;
 pub(crate) mod shield;
 #[cfg(feature = "demo")]
 pub mod simulate;
+pub(crate) mod status;
 pub(crate) mod trust;
 pub(crate) mod upstream;
 
@@ -294,8 +295,10 @@ pub async fn run_with_clock(
     };
     let token = config.admin_token().map_err(RunError::Secret)?;
     let upstream_url = config.upstream.url.clone();
+    let status = status::Status::new(&config);
     let Built { proxy, registry } = build(config, clock)?;
     let admin = Arc::new(admin::Admin {
+        status,
         registry,
         proxy: proxy.clone(),
         token,
@@ -305,6 +308,7 @@ pub async fn run_with_clock(
             .local_addr()
             .is_ok_and(|a| a.ip().is_loopback()),
     });
+    admin::start_sampling(&admin);
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin_task = {
         let admin = admin.clone();

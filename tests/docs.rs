@@ -96,7 +96,11 @@ fn every_metric_is_in_the_metrics_table() {
             "docs/metrics.md lacks `{name}`"
         );
     }
-    for name in table_names(&table) {
+    // (The status.json table below it lists JSON keys, not metrics.)
+    for name in table_names(&table)
+        .into_iter()
+        .filter(|n| n.starts_with("tpns_cache_"))
+    {
         assert!(
             families.contains(&name),
             "docs/metrics.md documents `{name}`, which the binary does not register"

@@ -91,6 +91,23 @@ async fn secrets_never_reach_logs_debug_output_or_errors() {
         .body,
     );
     bodies.push(h.send(h.admin, Method::GET, "/metrics", &[], "").await.body);
+    // The status page and its data show settings, never a secret or where it is kept.
+    for path in ["/", "/status.json"] {
+        let page = h.send(h.admin, Method::GET, path, &[], "").await;
+        assert_eq!(page.status, 200, "{path}");
+        let text = page.body_text();
+        assert!(
+            !text.contains(dir.to_str().unwrap()) && !text.contains("TPNS_LOGS_TEST_INJECT"),
+            "{path} shows where a secret is kept"
+        );
+        bodies.push(page.body);
+    }
+    let status = h
+        .send(h.admin, Method::GET, "/status.json", &[], "")
+        .await
+        .json();
+    assert_eq!(status["config"]["auth.inject.secret_key_env"], "set");
+    assert_eq!(status["config"]["admin.token_file"], "set");
     // Upstream failures log their cause.
     let down = Harness::with(sim_config(), |c| {
         configure(c);
