@@ -15,11 +15,17 @@ use crate::api::request::Ident;
 
 /// Everything that can change an identifier's answer. A cheap handle: the cache, the reverse
 /// index and in-flight fetches share one allocation per key.
+///
+/// Hashing uses only [`KeyData::digest`], a keyed 128-bit SipHash-1-3 of every field (the key
+/// is random per process, so clients cannot aim collisions); equality compares the digest and
+/// then every field, so even a collision can never make one key find another's entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(Arc<KeyData>);
 
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 pub struct KeyData {
+    /// Keyed digest of every field below (see [`CacheKey`]).
+    pub digest: u128,
     /// The upstream base URL (access points are isolated from each other).
     pub upstream: Arc<str>,
     /// The app (Basic user / AccessId).
@@ -37,13 +43,106 @@ impl CacheKey {
         top_scope: Option<Arc<str>>,
         ident: Ident,
     ) -> CacheKey {
+        let digest = digest(&upstream, &access_id, top_scope.as_deref(), &ident);
         CacheKey(Arc::new(KeyData {
+            digest,
             upstream,
             access_id,
             top_scope,
             ident,
         }))
     }
+
+    /// The keyed digest (what every map of keys hashes).
+    pub fn digest(&self) -> u128 {
+        self.0.digest
+    }
+}
+
+impl PartialEq for KeyData {
+    fn eq(&self, other: &KeyData) -> bool {
+        self.digest == other.digest
+            && (Arc::ptr_eq(&self.upstream, &other.upstream) || self.upstream == other.upstream)
+            && (Arc::ptr_eq(&self.access_id, &other.access_id) || self.access_id == other.access_id)
+            && self.top_scope == other.top_scope
+            && self.ident == other.ident
+    }
+}
+
+impl Eq for KeyData {}
+
+impl std::hash::Hash for KeyData {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(self.digest);
+    }
+}
+
+/// The process's digest key: random, so digests differ between processes (never stored or
+/// sent anywhere; the shared tier names keys with [`CacheKey::shared_name`]).
+fn digest_key() -> &'static (u64, u64) {
+    static KEY: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut k = [0u8; 16];
+        if getrandom::fill(&mut k).is_err() {
+            // No OS randomness: still unpredictable enough to a client for a cache key.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            k = (t ^ (std::process::id() as u128) << 64).to_le_bytes();
+        }
+        let (a, b) = k.split_at(8);
+        (
+            u64::from_le_bytes(a.try_into().unwrap_or_default()),
+            u64::from_le_bytes(b.try_into().unwrap_or_default()),
+        )
+    })
+}
+
+/// Length-prefixed fields, so no two different keys feed the same bytes.
+fn digest(upstream: &str, access_id: &str, top_scope: Option<&str>, ident: &Ident) -> u128 {
+    use std::hash::Hasher as _;
+    let (k0, k1) = *digest_key();
+    fn field(h: &mut siphasher::sip128::SipHasher13, bytes: &[u8]) {
+        h.write_usize(bytes.len());
+        h.write(bytes);
+    }
+    let mut h = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
+    field(&mut h, upstream.as_bytes());
+    field(&mut h, access_id.as_bytes());
+    match top_scope {
+        Some(s) => field(&mut h, s.as_bytes()),
+        None => h.write_u8(0xff),
+    }
+    match ident {
+        Ident::Token(t) => {
+            h.write_u8(b't');
+            field(&mut h, t.as_bytes());
+        }
+        Ident::Account {
+            account,
+            account_type,
+            extra,
+        } => {
+            h.write_u8(b'a');
+            field(&mut h, account.as_bytes());
+            match account_type {
+                Some(t) => {
+                    h.write_u8(1);
+                    h.write_i64(*t);
+                }
+                None => h.write_u8(0),
+            }
+            match extra {
+                Some(e) => {
+                    h.write_u8(1);
+                    field(&mut h, e.as_bytes());
+                }
+                None => h.write_u8(0),
+            }
+        }
+    }
+    use siphasher::sip128::Hasher128 as _;
+    h.finish128().as_u128()
 }
 
 impl std::ops::Deref for CacheKey {

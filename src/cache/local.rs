@@ -1,14 +1,21 @@
-//! The in-process tier: moka with a byte budget (the weigher), per-entry lifetimes, and an
-//! eviction listener that keeps the reverse index in step.
+//! The in-process tier: moka as the cache of record (byte budget through the weigher, per-entry
+//! lifetimes, admission and eviction, and an eviction listener that keeps the reverse index and
+//! the read map in step), read through [`Front`].
+//!
+//! Reads go to the front map; one read in [`RECORD_EVERY`] (hits and misses alike, so the
+//! frequencies moka compares stay on one scale) is also a moka read, which is how moka learns
+//! the access pattern it evicts and admits by. Caffeine and moka drop read records under load
+//! for the same reason; here the sample is deterministic per thread.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::future::Cache;
+use moka::sync::Cache;
 use moka::Expiry;
 use tokio::time::Instant;
 
 use super::entry::{Clock, Entry, Lookup, Policy};
+use super::front::Front;
 use super::index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
 use super::key::{CacheKey, KeyData};
 use crate::api::answer::{Answer, ElementCode};
@@ -81,9 +88,25 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 /// cheaper than SipHash on the hit path.
 type KeyHasher = foldhash::fast::RandomState;
 
+/// One read in this many is also recorded in moka (a power of two).
+pub const RECORD_EVERY: u32 = 16;
+
+/// Whether this read is one moka should see.
+fn record_this_read() -> bool {
+    thread_local! {
+        static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    READS.with(|r| {
+        let n = r.get().wrapping_add(1);
+        r.set(n);
+        n % RECORD_EVERY == 0
+    })
+}
+
 #[derive(Clone)]
 pub struct Store {
     cache: Cache<CacheKey, Arc<Entry>, KeyHasher>,
+    front: Arc<Front>,
     policy: Policy,
     clock: Clock,
     index: Arc<Index>,
@@ -111,12 +134,15 @@ impl Store {
         evictions: Option<Counter1<EvictionCause>>,
     ) -> Store {
         let index = Arc::new(Index::default());
+        let front = Arc::new(Front::default());
         let listener_index = index.clone();
+        let listener_front = front.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(weigh)
             .expire_after(EntryExpiry)
             .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
+                listener_front.remove_if_same(&key, &entry);
                 listener_index.remove(&key, &entry);
                 if let Some(c) = &evictions {
                     use moka::notification::RemovalCause as R;
@@ -131,6 +157,7 @@ impl Store {
             .build_with_hasher(KeyHasher::default());
         Store {
             cache,
+            front,
             policy,
             clock,
             index,
@@ -159,7 +186,15 @@ impl Store {
 
     /// A lookup as of `now` (one clock read serves a whole request).
     pub async fn get_at(&self, key: &CacheKey, now: Instant) -> Lookup {
-        let Some(entry) = self.cache.get(key).await else {
+        self.read(key, now)
+    }
+
+    /// [`Store::get_at`], without the async wrapper (the read never waits).
+    pub fn read(&self, key: &CacheKey, now: Instant) -> Lookup {
+        if record_this_read() {
+            let _ = self.cache.get(key);
+        }
+        let Some(entry) = self.front.get(key) else {
             return Lookup::Miss;
         };
         if let ElementCode::Other(_) = entry.answer.code {
@@ -213,7 +248,8 @@ impl Store {
         // A write may have slipped in between the check and the insert; its invalidation may
         // have run before the insert. Looking again closes that gap.
         if self.index.epoch(&app) != epoch {
-            self.cache.invalidate(&check).await;
+            self.front.remove(&check);
+            self.cache.invalidate(&check);
             return (entry, true);
         }
         (entry, false)
@@ -247,7 +283,10 @@ impl Store {
         let (entry, cacheable) = self.policy.entry(answer, self.clock.now(), fresh_for);
         if let (Some(key), true) = (key, cacheable) {
             self.index.add(&key, &entry);
-            self.cache.insert(key, entry.clone()).await;
+            // The read map first: moka's removal notice for this entry (a rejection, an
+            // eviction) may come at once and must find it.
+            self.front.insert(key.clone(), entry.clone());
+            self.cache.insert(key, entry.clone());
         }
         entry
     }
@@ -264,7 +303,7 @@ impl Store {
         let mut keys = self.index.keys_for(&named);
         let mut related = self.index.listed_by(&named);
         for k in &keys {
-            if let Some(entry) = self.cache.get(k).await {
+            if let Some(entry) = self.front.get(k) {
                 let (kind, _) = kind_and_name(&k.ident);
                 related.extend(
                     bound_names(kind, &entry)
@@ -301,7 +340,8 @@ impl Store {
     pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
         let mut n = 0;
         for k in keys {
-            if self.cache.remove(k).await.is_some() {
+            self.front.remove(k);
+            if self.cache.remove(k).is_some() {
                 n += 1;
             }
         }
@@ -318,9 +358,14 @@ impl Store {
             .collect();
         let mut dropped = Vec::with_capacity(keys.len());
         for k in keys {
-            if self.cache.remove(&k).await.is_some() {
+            self.front.remove(&k);
+            if self.cache.remove(&k).is_some() {
                 dropped.push(k);
             }
+        }
+        // Anything of the app moka had not taken in yet.
+        for k in self.front.remove_app(access_id) {
+            self.cache.invalidate(&k);
         }
         dropped
     }
@@ -335,7 +380,7 @@ impl Store {
 
     /// Lets moka apply pending writes and evictions (so the counts above are current).
     pub async fn sync(&self) {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
     }
 
     pub fn clock(&self) -> &Clock {

@@ -329,3 +329,55 @@ async fn byte_budget_is_enforced() {
     assert!(s.weighted_bytes() <= 64 * 1024, "{}", s.weighted_bytes());
     assert!(s.entry_count() > 50);
 }
+
+/// The read map holds exactly what moka holds once moka has caught up: entries it evicted for
+/// size, rejected at admission, replaced or had invalidated are never served.
+#[tokio::test]
+async fn the_read_map_never_serves_what_moka_dropped() {
+    // Room for a few dozen entries: most of the 2 000 inserted below are evicted or rejected.
+    let s = Store::new(
+        40 * u64::from(weigh(
+            &key("app", "t0000"),
+            &Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60))
+                .entry(ok(), s_now(), None)
+                .0,
+        )),
+        Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+        Clock::default(),
+    );
+    let keys: Vec<CacheKey> = (0..2000).map(|i| key("app", &format!("t{i:04}"))).collect();
+    for (i, k) in keys.iter().enumerate() {
+        s.put(k.clone(), ok()).await;
+        // Some keys are read often (moka should want to keep them), the rest once.
+        for hot in keys.iter().take(10) {
+            let _ = s.get(hot).await;
+        }
+        if i % 7 == 0 {
+            s.invalidate(std::slice::from_ref(k)).await;
+        }
+        // Replacements.
+        if i % 11 == 0 {
+            s.put(k.clone(), ok()).await;
+        }
+    }
+    s.sync().await;
+    assert!(
+        s.entry_count() < 100,
+        "most were dropped: {}",
+        s.entry_count()
+    );
+    assert_eq!(
+        s.front.len() as u64,
+        s.entry_count(),
+        "the read map is moka's content"
+    );
+    for k in &keys {
+        let in_moka = s.cache.contains_key(k);
+        let served = !matches!(s.get(k).await, Lookup::Miss);
+        assert_eq!(served, in_moka, "{:?}", k.ident);
+    }
+}
+
+fn s_now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}

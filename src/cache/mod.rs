@@ -11,6 +11,7 @@
 //! of it) from one source. The sequence of an invalidation is written once, here.
 
 pub mod entry;
+pub(crate) mod front;
 pub mod index;
 pub mod key;
 pub mod local;
