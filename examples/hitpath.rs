@@ -3,7 +3,15 @@
 //! of identifiers drawn at random (so nothing is repeated in a way a memo or a CPU cache could
 //! exploit). Prints nanoseconds per identifier. Also a loop for `perf record`.
 //!
-//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--batch 100] [--seconds 5]`
+//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--batch 100] [--seconds 5] [--cold]`
+//!
+//! Before timing, every entry is read as often as a long-running cache's entries have been
+//! (their first hits are all passed on to moka, see `tpns_cache::cache::RECORDED_IN_FULL`);
+//! `--cold` times a store whose entries have not been read yet.
+
+/// The server's allocator (see `src/main.rs`), so the figures are the server's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +82,19 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
             .await;
     }
     store.sync().await;
+    if std::env::args().all(|a| a != "--cold") {
+        // A long-running cache's entries have had their first hits, which moka sees in full
+        // (see `RECORDED_IN_FULL`); a fresh store's have not. Not timed; `--cold` skips it.
+        let now = store.clock().now();
+        for i in 0..entries {
+            let ident = tpns_cache::api::request::Ident::Token(format!("tok-{i:08}").into());
+            let key = CacheKey::new(upstream.clone(), app.clone(), None, ident);
+            for _ in 0..tpns_cache::cache::RECORDED_IN_FULL {
+                let _ = store.read(&key, now);
+            }
+        }
+        store.sync().await;
+    }
     // Bodies built ahead (random distinct identifiers each), cycled through.
     let bodies: Vec<String> = (0..4096)
         .map(|_| {

@@ -21,6 +21,10 @@
 //!   (needs `redis-server`).
 //! - `replay`: the zipf trace sent to `--target` (used by `benches/compare-nginx.sh`).
 
+/// The server's allocator (see `src/main.rs`), so the figures are the server's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,7 +54,8 @@ use tpns_sim::{token_name, Faults, SimConfig, Simulator, DEMO_ACCESS_ID, DEMO_SE
 #[derive(Parser, Debug, Clone)]
 #[command(about = "tpns-cache load benchmark")]
 struct Args {
-    /// all, all-hit, zipf, cold-burst, direct, or replay.
+    /// all, all-hit, zipf, cold-burst, direct, fleet, replay, or plain-server (see
+    /// `benches/varied-hit.sh`).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Identifier space of the zipf trace.
@@ -83,6 +88,12 @@ struct Args {
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/loadgen-report.json")]
     report: PathBuf,
+    /// `plain-server`: the address to serve on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// `plain-server`: the size of the body it answers with.
+    #[arg(long, default_value_t = 1000)]
+    body_bytes: usize,
 }
 
 fn runtime(name: &str) -> Runtime {
@@ -193,6 +204,56 @@ fn start_proxy_with(
         _rt: rt,
         _stop: tx,
     }
+}
+
+/// `plain-server`: the baseline of `benches/varied-hit.sh`, in its own process like the proxy:
+/// a hyper server on a runtime with one worker per core (as `tpns-cache serve`), answering
+/// every request with a JSON body of `--body-bytes`, until killed.
+fn plain_server(args: &Args) {
+    let mut body = br#"{"retCode":0,"errMsg":"NO_ERROR","result":[],"pad":""#.to_vec();
+    while body.len() + 2 < args.body_bytes {
+        body.push(b'x');
+    }
+    body.extend_from_slice(b"\"}");
+    let body = Bytes::from(body);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = TcpListener::bind(args.listen).await.expect("bind");
+        println!(
+            "plain server on {} ({} bytes per answer)",
+            listener.local_addr().expect("addr"),
+            body.len()
+        );
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            let mut r = Response::new(Full::new(body));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
 }
 
 /// A plain hyper server answering every request with `body` (after reading the request).
@@ -853,6 +914,10 @@ fn main() {
     if args.scenario == "replay" {
         replay(&args, &mut report);
         ran = true;
+    }
+    if args.scenario == "plain-server" {
+        plain_server(&args);
+        return;
     }
     if !ran {
         eprintln!("unknown scenario {:?}", args.scenario);

@@ -9,6 +9,10 @@
 //! 64 MiB cache): every answer is a negative entry whose key pins its own top-level scope. RSS
 //! must stay within `MAX_BYTES` plus the fixed overhead.
 
+/// The server's allocator (see `src/main.rs`), so the figures are the server's.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tpns_cache::config::Config;
 
+/// mimalloc instead of glibc's allocator: the hit path allocates and frees small buffers on
+/// every request (see BENCHMARKS.md, "Varied batches"), and under glibc that was ~14% of the
+/// server's time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "tpns-cache",

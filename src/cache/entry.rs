@@ -1,6 +1,6 @@
 //! A cached answer, what a lookup finds, the cacheability policy, and the clock it runs on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,9 @@ pub struct Entry {
     pub stale_until: Instant,
     /// How long moka keeps it (on moka's own clock), so memory is reclaimed.
     pub keep: Duration,
+    /// How many of its hits moka was told of, counted up to a few (see
+    /// [`crate::cache::Store::read`]).
+    pub(crate) recorded: AtomicU32,
 }
 
 impl Entry {
@@ -128,6 +131,7 @@ impl Policy {
             revalidate_until: now + fresh + swr,
             stale_until: now + fresh + swr.max(sie),
             keep: fresh + swr.max(sie),
+            recorded: AtomicU32::new(0),
         });
         (entry, lifetime.is_some())
     }

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use super::entry::Entry;
-use super::key::CacheKey;
 
 /// Shards: enough that concurrent readers and a writer rarely meet.
 const SHARDS: usize = 64;
@@ -42,10 +41,9 @@ impl Hasher for DigestHasher {
     }
 }
 
-/// Keys hash by their digest alone and compare in full (see [`CacheKey`]): a slot is the two
-/// pointers.
-type Shard =
-    RwLock<std::collections::HashMap<CacheKey, Arc<Entry>, BuildHasherDefault<DigestHasher>>>;
+/// Keyed by the key's digest (see [`super::CacheKey`]): a probe compares 16 bytes in the slot
+/// itself and follows no pointer until it has found the entry.
+type Shard = RwLock<std::collections::HashMap<u128, Arc<Entry>, BuildHasherDefault<DigestHasher>>>;
 
 pub(crate) struct Front {
     shards: Box<[Shard]>,
@@ -71,41 +69,26 @@ impl Front {
         &self.shards[(digest >> 122) as usize % SHARDS]
     }
 
-    /// The entry stored under `key`, if any (the full key must match, not just the digest).
-    pub(crate) fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.shard(key.digest()).read().get(key).cloned()
+    /// The entry stored under the key with this digest, if any.
+    pub(crate) fn get(&self, digest: u128) -> Option<Arc<Entry>> {
+        self.shard(digest).read().get(&digest).cloned()
     }
 
-    pub(crate) fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        self.shard(key.digest()).write().insert(key, entry);
+    pub(crate) fn insert(&self, digest: u128, entry: Arc<Entry>) {
+        self.shard(digest).write().insert(digest, entry);
     }
 
-    /// Removes `key`'s entry if it is still `entry` (moka's removal notices).
-    pub(crate) fn remove_if_same(&self, key: &CacheKey, entry: &Arc<Entry>) {
-        let mut shard = self.shard(key.digest()).write();
-        if shard.get(key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-            shard.remove(key);
+    /// Removes the key's entry if it is still `entry` (moka's removal notices).
+    pub(crate) fn remove_if_same(&self, digest: u128, entry: &Arc<Entry>) {
+        let mut shard = self.shard(digest).write();
+        if shard.get(&digest).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            shard.remove(&digest);
         }
     }
 
-    /// Removes whatever `key` holds (invalidation).
-    pub(crate) fn remove(&self, key: &CacheKey) {
-        self.shard(key.digest()).write().remove(key);
-    }
-
-    /// Removes every entry of `access_id` (a purge of the whole app); returns their keys.
-    pub(crate) fn remove_app(&self, access_id: &str) -> Vec<CacheKey> {
-        let mut removed = Vec::new();
-        for shard in self.shards.iter() {
-            shard.write().retain(|k, _| {
-                let keep = &*k.access_id != access_id;
-                if !keep {
-                    removed.push(k.clone());
-                }
-                keep
-            });
-        }
-        removed
+    /// Removes whatever the key holds (invalidation).
+    pub(crate) fn remove(&self, digest: u128) {
+        self.shard(digest).write().remove(&digest);
     }
 
     #[cfg(test)]

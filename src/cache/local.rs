@@ -2,11 +2,18 @@
 //! lifetimes, admission and eviction, and an eviction listener that keeps the reverse index and
 //! the read map in step), read through [`Front`].
 //!
-//! Reads go to the front map; one read in [`RECORD_EVERY`] (hits and misses alike, so the
-//! frequencies moka compares stay on one scale) is also a moka read, which is how moka learns
-//! the access pattern it evicts and admits by. Caffeine and moka drop read records under load
-//! for the same reason; here the sample is deterministic per thread.
+//! Reads go to the front map; moka is told of a read (a moka `get`, which feeds its frequency
+//! sketch and access order) for every miss, for the first [`RECORDED_IN_FULL`] hits on each
+//! entry, and for one in [`RECORD_EVERY`] hits after that. moka's admission and eviction
+//! compare how often the entry coming in (a miss, always counted) and the coldest entries were
+//! asked for, so the reads that decide between them, an entry's first few, all reach it; the
+//! repeated reads of warm and hot entries are sampled, and those are the reads that cost most
+//! (one moka read is ~1.4 µs at 100 000 entries) and tell moka least. Caffeine and moka
+//! themselves drop read records under load for the same reason. Measured with `loadgen
+//! --scenario zipf` (BENCHMARKS.md): sampling every hit 1 in 16 alone cost 3 points of hit
+//! ratio (0.893× Bélády); counting the first hits in full keeps it where moka alone was.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +51,10 @@ const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
     + 2 * 16
     + MOKA_BYTES_PER_ENTRY
     + INDEX_BYTES_PER_ENTRY;
-/// Measured moka overhead per entry (see `examples/memprobe.rs`).
-const MOKA_BYTES_PER_ENTRY: usize = 400;
+/// moka's own bookkeeping per entry (~370 B with per-entry expiry, `examples/mokafloor.rs`),
+/// the read map's slot with its table's slack, and the allocator's rounding (mimalloc, the
+/// binary's allocator): calibrated with `examples/memprobe.rs` at 1 000 000 entries.
+const MOKA_BYTES_PER_ENTRY: usize = 500;
 
 /// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
 /// AccessID and the top-level scope are shared by the keys of one request, but each entry is
@@ -88,11 +97,21 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
 /// cheaper than SipHash on the hit path.
 type KeyHasher = foldhash::fast::RandomState;
 
-/// One read in this many is also recorded in moka (a power of two).
+/// After its first [`RECORDED_IN_FULL`] hits, one hit of an entry in this many is passed on to
+/// moka (a power of two).
 pub const RECORD_EVERY: u32 = 16;
+/// Hits of an entry that are all passed on to moka.
+pub const RECORDED_IN_FULL: u32 = 2;
 
-/// Whether this read is one moka should see.
-fn record_this_read() -> bool {
+/// Whether moka should see this hit on `entry` (see the module's notes).
+fn record_hit(entry: &Entry) -> bool {
+    // A plain load and store, no read-modify-write: readers racing may lose a count, which
+    // only makes the sample a little sparser.
+    let n = entry.recorded.load(Ordering::Relaxed);
+    if n < RECORDED_IN_FULL {
+        entry.recorded.store(n + 1, Ordering::Relaxed);
+        return true;
+    }
     thread_local! {
         static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
@@ -142,7 +161,7 @@ impl Store {
             .weigher(weigh)
             .expire_after(EntryExpiry)
             .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
-                listener_front.remove_if_same(&key, &entry);
+                listener_front.remove_if_same(key.digest(), &entry);
                 listener_index.remove(&key, &entry);
                 if let Some(c) = &evictions {
                     use moka::notification::RemovalCause as R;
@@ -191,12 +210,13 @@ impl Store {
 
     /// [`Store::get_at`], without the async wrapper (the read never waits).
     pub fn read(&self, key: &CacheKey, now: Instant) -> Lookup {
-        if record_this_read() {
-            let _ = self.cache.get(key);
-        }
-        let Some(entry) = self.front.get(key) else {
+        let Some(entry) = self.front.get(key.digest()) else {
+            let _ = self.cache.get(key); // moka counts every miss (see the module's notes)
             return Lookup::Miss;
         };
+        if record_hit(&entry) {
+            let _ = self.cache.get(key);
+        }
         if let ElementCode::Other(_) = entry.answer.code {
             // Never stored (see `Policy::lifetime`), but a lookup must not guess.
             return Lookup::Miss;
@@ -248,14 +268,15 @@ impl Store {
         // A write may have slipped in between the check and the insert; its invalidation may
         // have run before the insert. Looking again closes that gap.
         if self.index.epoch(&app) != epoch {
-            self.front.remove(&check);
+            self.front.remove(check.digest());
             self.cache.invalidate(&check);
             return (entry, true);
         }
         (entry, false)
     }
 
-    /// Stores unconditionally (see [`Store::put_since`]).
+    /// Stores unconditionally (see [`Store::put_since`]): for tools and tests that do not
+    /// purge while they store (a purge relies on the epoch check `put_since` does).
     pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
         self.put_inner(Some(key), answer).await
     }
@@ -285,7 +306,7 @@ impl Store {
             self.index.add(&key, &entry);
             // The read map first: moka's removal notice for this entry (a rejection, an
             // eviction) may come at once and must find it.
-            self.front.insert(key.clone(), entry.clone());
+            self.front.insert(key.digest(), entry.clone());
             self.cache.insert(key, entry.clone());
         }
         entry
@@ -303,7 +324,7 @@ impl Store {
         let mut keys = self.index.keys_for(&named);
         let mut related = self.index.listed_by(&named);
         for k in &keys {
-            if let Some(entry) = self.front.get(k) {
+            if let Some(entry) = self.front.get(k.digest()) {
                 let (kind, _) = kind_and_name(&k.ident);
                 related.extend(
                     bound_names(kind, &entry)
@@ -340,7 +361,7 @@ impl Store {
     pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
         let mut n = 0;
         for k in keys {
-            self.front.remove(k);
+            self.front.remove(k.digest());
             if self.cache.remove(k).is_some() {
                 n += 1;
             }
@@ -358,15 +379,15 @@ impl Store {
             .collect();
         let mut dropped = Vec::with_capacity(keys.len());
         for k in keys {
-            self.front.remove(&k);
+            self.front.remove(k.digest());
             if self.cache.remove(&k).is_some() {
                 dropped.push(k);
             }
         }
-        // Anything of the app moka had not taken in yet.
-        for k in self.front.remove_app(access_id) {
-            self.cache.invalidate(&k);
-        }
+        // An entry stored while this ran is not missed: stores that go by an epoch
+        // ([`Store::put_since`]) look at it again after inserting into moka, and the purge
+        // moved it before listing moka's keys, so either the store sees the move and takes its
+        // entry out, or its insert happened before the move and is in the list.
         dropped
     }
 

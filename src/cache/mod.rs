@@ -23,7 +23,7 @@ use std::time::Duration;
 
 pub use entry::{Clock, Entry, Lookup, Policy};
 pub use key::CacheKey;
-pub use local::{weigh, Store};
+pub use local::{weigh, Store, RECORDED_IN_FULL, RECORD_EVERY};
 pub(crate) use metrics::CacheMetrics;
 
 use crate::api::answer::Answer;

@@ -7,6 +7,14 @@
 //! of their fresh periods ends, and only while its app has had no write or purge since (the
 //! app's write epoch, see [`crate::cache::index::Index::epoch`]). Bounded by
 //! `cache.memo_max_bytes`; the keys are chosen by accepted credentials only.
+//!
+//! Only a body seen before is memoized (a doorkeeper: a fixed table of the digests of recent
+//! bodies, one per slot, a newer body taking an older one's slot), and a body never seen is not
+//! looked for: when batches vary, as they mostly do, the memo costs one digest and one atomic
+//! swap per request instead of a lookup and an insert (a copy of the answer, and moka's write
+//! work) that would never be used. A body asked twice is memoized the second time and answered
+//! from the memo from the third on. The table is fixed in size (64 Ki slots, 512 KiB), so the
+//! keys clients choose cannot grow it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,8 +48,25 @@ pub(crate) struct Memoized {
     pub(crate) negative_hits: u64,
 }
 
+/// What the memo knows of a body.
+#[derive(Debug)]
+pub(crate) enum Recall {
+    /// A valid memoized answer.
+    Hit(Arc<Memoized>),
+    /// Seen lately but not (or no longer validly) memoized: worth memoizing now.
+    Seen,
+    /// Not seen lately.
+    New,
+}
+
+/// Slots of the doorkeeper (a power of two): 512 KiB.
+const DOOR_SLOTS: usize = 1 << 16;
+
 pub(crate) struct Memo {
     cache: moka::sync::Cache<MemoKey, Arc<Memoized>, foldhash::fast::RandomState>,
+    /// Digests of bodies seen lately, one per slot (a newer body takes an older one's slot).
+    door: Box<[std::sync::atomic::AtomicU64]>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl std::fmt::Debug for Memo {
@@ -65,31 +90,56 @@ impl Memo {
             })
             .time_to_live(longest_lifetime.max(Duration::from_secs(1)))
             .build_with_hasher(foldhash::fast::RandomState::default());
-        Some(Memo { cache })
+        Some(Memo {
+            cache,
+            door: (0..DOOR_SLOTS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        })
+    }
+
+    /// The body's digest and its doorkeeper slot.
+    fn door(&self, fingerprint: &[u8; 32], body: &[u8]) -> (u64, &std::sync::atomic::AtomicU64) {
+        use std::hash::BuildHasher as _;
+        let digest = self.hasher.hash_one((fingerprint, body)) | 1; // never the empty slot's 0
+        (digest, &self.door[(digest as usize) & (DOOR_SLOTS - 1)])
+    }
+
+    /// Notes the body as seen; returns whether it was seen lately already.
+    pub(crate) fn note(&self, fingerprint: &[u8; 32], body: &[u8]) -> bool {
+        let (digest, slot) = self.door(fingerprint, body);
+        slot.swap(digest, std::sync::atomic::Ordering::Relaxed) == digest
     }
 
     /// The memoized answer for this credential and body, if one is still valid at `now` for
-    /// an app whose current write epoch is given by `epoch_of`.
+    /// an app whose current write epoch is given by `epoch_of`. Notes the body as seen.
     pub(crate) fn get(
         &self,
         fingerprint: &[u8; 32],
         body: &Bytes,
         now: Instant,
         epoch_of: impl FnOnce(&Arc<str>) -> u64,
-    ) -> Option<Arc<Memoized>> {
+    ) -> Recall {
+        if !self.note(fingerprint, body) {
+            return Recall::New; // not seen lately, so not memoized
+        }
         let key = MemoKey {
             fingerprint: *fingerprint,
             body: body.clone(),
         };
-        let m = self.cache.get(&key)?;
+        let Some(m) = self.cache.get(&key) else {
+            return Recall::Seen;
+        };
         if now < m.fresh_until && epoch_of(&m.access_id) == m.epoch {
-            Some(m)
+            Recall::Hit(m)
         } else {
             self.cache.invalidate(&key);
-            None
+            Recall::Seen
         }
     }
 
+    /// Memoizes `m` for a body [`Memo::get`] found [`Recall::Seen`] (a body seen once is not).
     pub(crate) fn put(&self, fingerprint: [u8; 32], body: Bytes, m: Memoized) {
         self.cache
             .insert(MemoKey { fingerprint, body }, Arc::new(m));
@@ -114,30 +164,59 @@ mod tests {
         }
     }
 
+    fn hit(r: Recall) -> bool {
+        matches!(r, Recall::Hit(_))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn valid_only_while_fresh_and_unwritten() {
         let memo = Memo::new(1 << 20, Duration::from_secs(60)).expect("on");
         let fp = [7u8; 32];
         let body = Bytes::from_static(b"{\"operator_type\":2}");
+        let now = Instant::now;
+        assert!(matches!(memo.get(&fp, &body, now(), |_| 3), Recall::New));
+        assert!(matches!(memo.get(&fp, &body, now(), |_| 3), Recall::Seen));
         memo.put(fp, body.clone(), memoized(Duration::from_secs(10), 3));
-        assert!(memo.get(&fp, &body, Instant::now(), |_| 3).is_some());
+        assert!(hit(memo.get(&fp, &body, now(), |_| 3)));
+        assert!(hit(memo.get(&fp, &body, now(), |_| 3)), "again");
         assert!(
-            memo.get(&[8u8; 32], &body, Instant::now(), |_| 3).is_none(),
+            matches!(memo.get(&[8u8; 32], &body, now(), |_| 3), Recall::New),
             "other credential"
         );
-        assert!(memo
-            .get(&fp, &Bytes::from_static(b"{}"), Instant::now(), |_| 3)
-            .is_none());
+        assert!(!hit(memo.get(
+            &fp,
+            &Bytes::from_static(b"{}"),
+            now(),
+            |_| 3
+        )));
         assert!(
-            memo.get(&fp, &body, Instant::now(), |_| 4).is_none(),
+            matches!(memo.get(&fp, &body, now(), |_| 4), Recall::Seen),
             "a write happened"
         );
         memo.put(fp, body.clone(), memoized(Duration::from_secs(10), 3));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(
-            memo.get(&fp, &body, Instant::now(), |_| 3).is_none(),
+            matches!(memo.get(&fp, &body, now(), |_| 3), Recall::Seen),
             "no longer fresh"
         );
         assert!(Memo::new(0, Duration::from_secs(1)).is_none());
+    }
+
+    /// The doorkeeper is a fixed table: a flood of distinct bodies neither grows it nor
+    /// memoizes any of them (each was seen once).
+    #[test]
+    fn distinct_bodies_are_not_memoized_and_do_not_grow_the_table() {
+        let memo = Memo::new(1 << 20, Duration::from_secs(60)).expect("on");
+        let fp = [7u8; 32];
+        for i in 0..(DOOR_SLOTS * 2) {
+            let body = Bytes::from(format!("{{\"n\":{i}}}"));
+            assert!(matches!(
+                memo.get(&fp, &body, Instant::now(), |_| 0),
+                Recall::New
+            ));
+        }
+        assert_eq!(memo.door.len(), DOOR_SLOTS);
+        memo.cache.run_pending_tasks();
+        assert_eq!(memo.cache.entry_count(), 0);
     }
 }

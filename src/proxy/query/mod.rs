@@ -37,7 +37,7 @@ use crate::http::{json_response, HeldBody, ProxyBody, CACHE_STATUS};
 use crate::metrics::labels::{BypassReason, LookupOutcome, RequestOutcome};
 use crate::trust::Fingerprint;
 use crate::upstream::Auth as UpstreamAuth;
-use memo::Memoized;
+use memo::{Memoized, Recall};
 use outcome::QueryOutcome;
 
 pub(crate) use metrics::QueryMetrics;
@@ -231,12 +231,21 @@ fn from_memo(
 ) -> Option<Response<ProxyBody>> {
     let memo = proxy.memo.as_ref()?;
     if !proxy.trust.is_accepted(&scope.fingerprint) {
+        // Nothing is served to a credential not (yet) accepted, but the body counts as seen.
+        memo.note(&scope.fingerprint, body);
         return None;
     }
     let cache = &proxy.cache;
-    let m = memo.get(&scope.fingerprint, body, cache.clock().now(), |app| {
+    let m = match memo.get(&scope.fingerprint, body, cache.clock().now(), |app| {
         cache.epoch(app)
-    })?;
+    }) {
+        Recall::Hit(m) => m,
+        Recall::Seen => {
+            outcome.memo_seen = true;
+            return None;
+        }
+        Recall::New => return None,
+    };
     outcome.memo_hit = true;
     outcome.op = Some(m.op);
     outcome.add(LookupOutcome::Hit, m.hits);
@@ -331,7 +340,7 @@ fn respond(
         (CacheStatus::Miss(served), RequestOutcome::Miss)
     };
     outcome.request = request;
-    if let (Some(memo), true) = (&proxy.memo, all_fresh) {
+    if let (Some(memo), true) = (&proxy.memo, all_fresh && outcome.memo_seen) {
         if let Some(fresh_until) = entries.iter().map(|e| e.fresh_until).min() {
             memo.put(
                 scope.fingerprint,

@@ -15,6 +15,8 @@ pub(crate) struct QueryOutcome {
     pub(crate) stale_error: u64,
     pub(crate) refreshes_started: u64,
     pub(crate) memo_hit: bool,
+    /// The memo saw this body lately (see [`super::memo::Recall::Seen`]): worth memoizing.
+    pub(crate) memo_seen: bool,
     pub(crate) request: RequestOutcome,
 }
 
@@ -27,6 +29,7 @@ impl Default for QueryOutcome {
             stale_error: 0,
             refreshes_started: 0,
             memo_hit: false,
+            memo_seen: false,
             request: RequestOutcome::Invalid,
         }
     }
