@@ -3,11 +3,12 @@
 //! of identifiers drawn at random (so nothing is repeated in a way a memo or a CPU cache could
 //! exploit). Prints nanoseconds per identifier. Also a loop for `perf record`.
 //!
-//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--batch 100] [--seconds 5] [--cold]`
+//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--batch 100] [--seconds 5] [--cold] [--per-key]`
 //!
 //! Before timing, every entry is read as often as a long-running cache's entries have been
 //! (their first hits are all passed on to moka, see `tpns_cache::cache::RECORDED_IN_FULL`);
-//! `--cold` times a store whose entries have not been read yet.
+//! `--cold` times a store whose entries have not been read yet; `--per-key` reads the store one
+//! key at a time (`Store::read`) instead of a request's keys at once (`Store::read_many`).
 
 /// The server's allocator (see `src/main.rs`), so the figures are the server's.
 #[global_allocator]
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 use tpns_cache::api::answer::{stitch, top_level_code, Answer, ElementCode};
 use tpns_cache::api::request::{parse_request, Limits};
-use tpns_cache::cache::{CacheKey, Clock, Lookup, Policy, Store};
+use tpns_cache::cache::{CacheKey, Clock, KeyPrefix, Lookup, Policy, Store};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -109,6 +110,7 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
             )
         })
         .collect();
+    let per_key = std::env::args().any(|a| a == "--per-key");
     let started = Instant::now();
     let mut requests = 0usize;
     let mut bytes = 0usize;
@@ -118,14 +120,24 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
             let req = parse_request(body.as_bytes(), &limits).expect("valid");
             let now = store.clock().now();
             let op = req.op;
-            let mut found = Vec::with_capacity(req.items.len());
-            for item in req.items {
-                let key = CacheKey::new(upstream.clone(), app.clone(), None, item.ident);
-                match store.get_at(&key, now).await {
-                    Lookup::Fresh(e) => found.push(e),
+            let prefix = KeyPrefix::new(upstream.clone(), app.clone(), None);
+            let keys: Vec<CacheKey> = req
+                .items
+                .into_iter()
+                .map(|item| prefix.key(item.ident))
+                .collect();
+            let lookups = if per_key {
+                keys.iter().map(|k| store.read(k, now)).collect()
+            } else {
+                store.read_many(&keys, now)
+            };
+            let found: Vec<Arc<tpns_cache::cache::Entry>> = lookups
+                .into_iter()
+                .map(|l| match l {
+                    Lookup::Fresh(e) => e,
                     other => panic!("not a hit: {other:?}"),
-                }
-            }
+                })
+                .collect();
             let answers: Vec<&Answer> = found.iter().map(|e| &e.answer).collect();
             let code = top_level_code(answers.iter().map(|a| &a.code), 1_008_026, 1_008_027);
             bytes += stitch(op, code, answers.iter().copied()).len();

@@ -63,10 +63,54 @@ impl Default for Front {
     }
 }
 
+/// High bits pick the shard, low bits the slot within it.
+fn shard_of(digest: u128) -> usize {
+    (digest >> 122) as usize % SHARDS
+}
+
 impl Front {
     fn shard(&self, digest: u128) -> &Shard {
-        // High bits pick the shard, low bits the slot within it.
-        &self.shards[(digest >> 122) as usize % SHARDS]
+        &self.shards[shard_of(digest)]
+    }
+
+    /// The entries of a whole request's keys, in order.
+    ///
+    /// One probe per key costs two cache misses (the table's slot, then the entry), and when
+    /// each sits behind a locked instruction (a shard's read lock, the `Arc` clone) they are
+    /// paid one after the other: ~300 ns per key at 100 000 entries and more. Here each shard
+    /// the request needs is read-locked once, in ascending order, then every key is probed,
+    /// then every entry found and its element are read, each a loop of plain loads that the
+    /// CPU overlaps, and only then are the entries cloned (from cache by now).
+    ///
+    /// No deadlock: readers take shards in ascending order and writers hold one shard at a
+    /// time and take nothing else meanwhile.
+    pub(crate) fn get_many(&self, digests: &[u128]) -> Vec<Option<Arc<Entry>>> {
+        let mut wanted = [false; SHARDS];
+        for &d in digests {
+            wanted[shard_of(d)] = true;
+        }
+        let guards: [Option<_>; SHARDS] =
+            std::array::from_fn(|i| wanted[i].then(|| self.shards[i].read()));
+        let found: Vec<Option<&Arc<Entry>>> = digests
+            .iter()
+            .map(|d| guards[shard_of(*d)].as_ref().and_then(|g| g.get(d)))
+            .collect();
+        // Touch each entry, then each element: independent loads, so their misses overlap.
+        let mut touched = 0usize;
+        for e in found.iter().flatten() {
+            touched ^= e
+                .answer
+                .element
+                .as_ref()
+                .map_or(0, |el| el.get().as_ptr() as usize);
+        }
+        for e in found.iter().flatten() {
+            if let Some(el) = &e.answer.element {
+                touched ^= usize::from(el.get().as_bytes().first().copied().unwrap_or(0));
+            }
+        }
+        std::hint::black_box(touched);
+        found.into_iter().map(|e| e.cloned()).collect()
     }
 
     /// The entry stored under the key with this digest, if any.

@@ -49,14 +49,7 @@ impl CacheKey {
         top_scope: Option<Arc<str>>,
         ident: Ident,
     ) -> CacheKey {
-        let digest = digest(&upstream, &access_id, top_scope.as_deref(), &ident);
-        CacheKey(Arc::new(KeyData {
-            digest,
-            upstream,
-            access_id,
-            top_scope,
-            ident,
-        }))
+        KeyPrefix::new(upstream, access_id, top_scope).key(ident)
     }
 
     /// The keyed digest (what every map of keys hashes).
@@ -100,21 +93,66 @@ fn digest_key() -> &'static (u64, u64) {
     })
 }
 
-/// Length-prefixed fields, so no two different keys feed the same bytes.
-fn digest(upstream: &str, access_id: &str, top_scope: Option<&str>, ident: &Ident) -> u128 {
+/// What the keys of one request share (upstream, app, top-level scope), with the digest's
+/// state after those fields, so each identifier's digest only hashes the identifier.
+#[derive(Clone)]
+pub struct KeyPrefix {
+    upstream: Arc<str>,
+    access_id: Arc<str>,
+    top_scope: Option<Arc<str>>,
+    hasher: siphasher::sip128::SipHasher13,
+}
+
+impl std::fmt::Debug for KeyPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPrefix")
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+fn field(h: &mut siphasher::sip128::SipHasher13, bytes: &[u8]) {
     use std::hash::Hasher as _;
-    let (k0, k1) = *digest_key();
-    fn field(h: &mut siphasher::sip128::SipHasher13, bytes: &[u8]) {
-        h.write_usize(bytes.len());
-        h.write(bytes);
+    h.write_usize(bytes.len());
+    h.write(bytes);
+}
+
+impl KeyPrefix {
+    pub fn new(upstream: Arc<str>, access_id: Arc<str>, top_scope: Option<Arc<str>>) -> KeyPrefix {
+        use std::hash::Hasher as _;
+        let (k0, k1) = *digest_key();
+        // Length-prefixed fields, so no two different keys feed the same bytes.
+        let mut hasher = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
+        field(&mut hasher, upstream.as_bytes());
+        field(&mut hasher, access_id.as_bytes());
+        match &top_scope {
+            Some(s) => field(&mut hasher, s.as_bytes()),
+            None => hasher.write_u8(0xff),
+        }
+        KeyPrefix {
+            upstream,
+            access_id,
+            top_scope,
+            hasher,
+        }
     }
-    let mut h = siphasher::sip128::SipHasher13::new_with_keys(k0, k1);
-    field(&mut h, upstream.as_bytes());
-    field(&mut h, access_id.as_bytes());
-    match top_scope {
-        Some(s) => field(&mut h, s.as_bytes()),
-        None => h.write_u8(0xff),
+
+    /// The key of `ident` under this prefix.
+    pub fn key(&self, ident: Ident) -> CacheKey {
+        let digest = digest(self.hasher, &ident);
+        CacheKey(Arc::new(KeyData {
+            digest,
+            upstream: self.upstream.clone(),
+            access_id: self.access_id.clone(),
+            top_scope: self.top_scope.clone(),
+            ident,
+        }))
     }
+}
+
+/// The digest of a key: the prefix's state, then the identifier's fields.
+fn digest(mut h: siphasher::sip128::SipHasher13, ident: &Ident) -> u128 {
+    use std::hash::Hasher as _;
     match ident {
         Ident::Token(t) => {
             h.write_u8(b't');
@@ -245,5 +283,40 @@ mod tests {
             keys.iter().map(CacheKey::shared_name).collect();
         assert_eq!(names.len(), keys.len());
         assert_eq!(keys[0].shared_name(), keys[0].clone().shared_name());
+    }
+
+    /// Keys that differ in any field differ (by digest, which is all that is compared), keys
+    /// built through a shared prefix equal keys built alone, and the upstream is a field.
+    #[test]
+    fn digests_keep_the_key_invariant() {
+        let acct = |t: Option<i64>, extra: Option<&str>| Ident::Account {
+            account: "a".into(),
+            account_type: t,
+            extra: extra.map(Into::into),
+        };
+        let keys = [
+            key("app", Ident::Token("a".into()), None),
+            key("app2", Ident::Token("a".into()), None),
+            key("app", Ident::Token("a".into()), Some("{}")),
+            key("app", Ident::Token("b".into()), None),
+            key("app", acct(None, None), None),
+            key("app", acct(Some(0), None), None),
+            key("app", acct(Some(1), None), None),
+            key("app", acct(None, Some("{\"k\":1}")), None),
+            // Field boundaries: "ap" + "pa" is not "app" + "a".
+            key("ap", Ident::Token("pa".into()), None),
+            CacheKey::new(
+                Arc::from("http://v"),
+                Arc::from("app"),
+                None,
+                Ident::Token("a".into()),
+            ),
+        ];
+        let digests: std::collections::HashSet<u128> = keys.iter().map(CacheKey::digest).collect();
+        assert_eq!(digests.len(), keys.len());
+        let prefix = KeyPrefix::new(Arc::from("http://u"), Arc::from("app"), None);
+        assert_eq!(prefix.key(Ident::Token("a".into())), keys[0]);
+        assert_eq!(prefix.key(acct(Some(1), None)), keys[6]);
+        assert_ne!(prefix.key(Ident::Token("b".into())), keys[0]);
     }
 }

@@ -210,7 +210,24 @@ impl Store {
 
     /// [`Store::get_at`], without the async wrapper (the read never waits).
     pub fn read(&self, key: &CacheKey, now: Instant) -> Lookup {
-        let Some(entry) = self.front.get(key.digest()) else {
+        self.classify(key, self.front.get(key.digest()), now)
+    }
+
+    /// [`Store::read`] for every key of a request, with the read map probed for all of them
+    /// at once (see [`Front::get_many`]).
+    pub fn read_many(&self, keys: &[CacheKey], now: Instant) -> Vec<Lookup> {
+        let digests: Vec<u128> = keys.iter().map(CacheKey::digest).collect();
+        let entries = self.front.get_many(&digests);
+        keys.iter()
+            .zip(entries)
+            .map(|(key, entry)| self.classify(key, entry, now))
+            .collect()
+    }
+
+    /// What a read of `key` that found `entry` in the read map means at `now`; tells moka of
+    /// the read when it should see it (see the module's notes).
+    fn classify(&self, key: &CacheKey, entry: Option<Arc<Entry>>, now: Instant) -> Lookup {
+        let Some(entry) = entry else {
             let _ = self.cache.get(key); // moka counts every miss (see the module's notes)
             return Lookup::Miss;
         };

@@ -381,3 +381,37 @@ async fn the_read_map_never_serves_what_moka_dropped() {
 fn s_now() -> tokio::time::Instant {
     tokio::time::Instant::now()
 }
+
+/// A request's keys read at once give what reading them one by one gives, in order, with
+/// repeats, misses and keys spread over many shards of the read map.
+#[tokio::test(start_paused = true)]
+async fn reading_a_request_at_once_is_reading_each_key() {
+    let s = store(60);
+    for i in 0..300 {
+        if i % 3 == 0 {
+            s.put(key("a", &format!("t{i}")), not_found()).await;
+        } else if i % 3 == 1 {
+            s.put(key("a", &format!("t{i}")), ok()).await;
+        }
+    }
+    s.sync().await;
+    let mut keys: Vec<CacheKey> = (0..300).map(|i| key("a", &format!("t{i}"))).collect();
+    keys.push(keys[1].clone()); // a repeat
+    keys.push(key("b", "t1")); // another app's name
+    let now = s_now();
+    let many = s.read_many(&keys, now);
+    assert_eq!(many.len(), keys.len());
+    let mut hits = 0;
+    for (k, got) in keys.iter().zip(many) {
+        let one = s.read(k, now);
+        match (got, one) {
+            (Lookup::Fresh(a), Lookup::Fresh(b)) => {
+                assert!(Arc::ptr_eq(&a, &b), "{:?}", k.ident);
+                hits += 1;
+            }
+            (Lookup::Miss, Lookup::Miss) => {}
+            (a, b) => panic!("{:?}: {a:?} at once, {b:?} alone", k.ident),
+        }
+    }
+    assert_eq!(hits, 201, "200 stored, one repeated");
+}

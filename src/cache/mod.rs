@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use entry::{Clock, Entry, Lookup, Policy};
-pub use key::CacheKey;
+pub use key::{CacheKey, KeyPrefix};
 pub use local::{weigh, Store, RECORDED_IN_FULL, RECORD_EVERY};
 pub(crate) use metrics::CacheMetrics;
 
@@ -138,15 +138,17 @@ impl Cache {
     pub(crate) async fn lookup(&self, app: &Arc<str>, keys: &[CacheKey]) -> Vec<Found> {
         let epoch = self.epoch(app);
         let now = self.local.clock().now();
-        let mut found = Vec::with_capacity(keys.len());
-        for key in keys {
-            found.push(match self.local.get_at(key, now).await {
+        let mut found: Vec<Found> = self
+            .local
+            .read_many(keys, now)
+            .into_iter()
+            .map(|l| match l {
                 Lookup::Fresh(e) => Found::Fresh(e),
                 Lookup::Revalidate(e) => Found::Revalidate(e),
                 Lookup::StaleIfError(e) => Found::Miss { stale: Some(e) },
                 Lookup::Miss => Found::Miss { stale: None },
-            });
-        }
+            })
+            .collect();
         let Some(fleet) = &self.fleet else {
             return found;
         };

@@ -13,7 +13,7 @@ use super::outcome::QueryOutcome;
 use super::Scope;
 use crate::api::error::UpstreamError;
 use crate::api::request::QueryRequest;
-use crate::cache::{CacheKey, Entry, Found};
+use crate::cache::{CacheKey, Entry, Found, KeyPrefix};
 use crate::fetch::{FetchError, RequestContext};
 use crate::metrics::labels::LookupOutcome;
 use crate::proxy::status::Served;
@@ -55,14 +55,15 @@ pub(super) fn plan(
     let mut positions: Vec<usize> = Vec::with_capacity(items.len());
     let mut seen: HashMap<CacheKey, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
-    // The identifiers and elements move out of the request into the keys (no copies).
+    // The identifiers and elements move out of the request into the keys (no copies); what
+    // the keys share is hashed once.
+    let prefix = KeyPrefix::new(
+        proxy.upstream_id.clone(),
+        scope.app.clone(),
+        top_scope.clone(),
+    );
     for item in items {
-        let key = CacheKey::new(
-            proxy.upstream_id.clone(),
-            scope.app.clone(),
-            top_scope.clone(),
-            item.ident,
-        );
+        let key = prefix.key(item.ident);
         let idx = *seen.entry(key.clone()).or_insert_with(|| {
             uniques.push(Unique { key, raw: item.raw });
             uniques.len() - 1
