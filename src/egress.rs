@@ -22,6 +22,21 @@ use tokio::net::TcpStream;
 
 use crate::config::{read_secret, UpstreamConfig};
 
+/// What is wrong with the egress settings (TLS roots, the proxy route): building them is the
+/// check, so `check-config` and start-up refuse exactly what would fail later.
+pub(crate) fn problems(cfg: &UpstreamConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(why) = tls_config(cfg) {
+        problems.push(why);
+    }
+    if let Ok(uri) = cfg.url.parse::<http::Uri>() {
+        if let Err(why) = proxy_route(cfg, &uri, |v| std::env::var(v).ok()) {
+            problems.push(why);
+        }
+    }
+    problems
+}
+
 /// The TLS client configuration for the upstream: web PKI roots, plus every certificate of
 /// `upstream.ca_file` (private PKI, or a TLS-inspecting egress proxy's CA).
 pub(crate) fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {

@@ -64,6 +64,25 @@ use crate::cache::{Cache, CacheMetrics, Clock, Policy, Store};
 use crate::config::Config;
 use crate::server::{serve, ServeOptions};
 
+/// Loads the configuration (see [`Config::load`]) and reports every problem at once: the
+/// values' own rules and what the components that use them find (the egress TLS roots and
+/// proxy route, the fleet's Redis target). What the binary's `serve`, `demo` and
+/// `check-config` run. The checks that need a component live with it, so the configuration
+/// module depends on nothing above it.
+pub fn load_config(file: Option<&std::path::Path>) -> Result<Config, config::ConfigError> {
+    let config = Config::load_unchecked(file)?;
+    check_config(&config)?;
+    Ok(config)
+}
+
+/// [`load_config`]'s checks for a configuration built another way.
+pub fn check_config(config: &Config) -> Result<(), config::ConfigError> {
+    let mut problems = config.problems();
+    problems.extend(egress::problems(&config.upstream));
+    problems.extend(fleet::problems(&config.redis));
+    config::ConfigError::from_problems(problems)
+}
+
 /// The two listeners, bound by the caller (tests bind `127.0.0.1:0`).
 #[derive(Debug)]
 pub struct Listeners {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tpns_cache::config::Config;
 
 /// mimalloc instead of glibc's allocator: the hit path allocates and frees small buffers on
 /// every request (see BENCHMARKS.md, "Varied batches"), and under glibc that was ~14% of the
@@ -75,7 +74,7 @@ fn main() -> ExitCode {
     let config_file = |own: ConfigArg| own.config.or(cli.config.config.clone());
     match command {
         Command::CheckConfig { file, json } => {
-            match Config::load(file.or(cli.config.config.clone()).as_deref()) {
+            match tpns_cache::load_config(file.or(cli.config.config.clone()).as_deref()) {
                 Ok(config) if json => {
                     println!("{}", config.deployment_summary());
                     ExitCode::SUCCESS
@@ -125,7 +124,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// Loads the configuration and runs the proxy (or the demo) until SIGINT/SIGTERM.
 fn start(file: Option<PathBuf>, demo: bool) -> ExitCode {
-    let config = match Config::load(file.as_deref()) {
+    let config = match tpns_cache::load_config(file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tpns-cache: {e}");

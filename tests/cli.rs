@@ -122,6 +122,34 @@ fn check_config_validates_like_serve() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// What only the components can judge (the egress TLS roots and proxy route, the Redis target)
+/// is reported by `check-config` and `serve` together with the values' own problems, in one
+/// message, with exit code 2.
+#[test]
+fn component_checks_are_reported_with_the_rest() {
+    let env = [
+        ("TPNS_CACHE_UPSTREAM__TIMEOUT", "0s"),
+        ("TPNS_CACHE_UPSTREAM__CA_FILE", "/no/such/ca.pem"),
+        (
+            "TPNS_CACHE_UPSTREAM__PROXY",
+            "http://user:pw@proxy.invalid:3128",
+        ),
+        ("TPNS_CACHE_REDIS__URL", "redis://a:1,redis://b:2"),
+    ];
+    for cmd in ["check-config", "serve"] {
+        let (code, _, err) = run(&[cmd], &env);
+        assert_eq!(code, 2, "{cmd}: {err}");
+        for key in [
+            "upstream.timeout",
+            "upstream.ca_file",
+            "upstream.proxy",
+            "redis.url",
+        ] {
+            assert!(err.contains(key), "{cmd}: {key} not named in: {err}");
+        }
+    }
+}
+
 /// Starts `serve` on ephemeral ports, reads the bound address from its log, checks it answers,
 /// then sends SIGTERM and expects a clean exit.
 #[test]

@@ -383,13 +383,32 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+impl ConfigError {
+    /// `Ok` when there is no problem, else every problem at once.
+    pub fn from_problems(problems: Vec<String>) -> Result<(), ConfigError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
 impl Config {
-    /// Loads defaults < `file` (or the file named by `TPNS_CACHE_CONFIG`) < `TPNS_CACHE_*` env.
+    /// Loads defaults < `file` (or the file named by `TPNS_CACHE_CONFIG`) < `TPNS_CACHE_*` env,
+    /// and checks the values (see [`Config::validate`]).
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = Self::load_unchecked(file)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] without [`Config::validate`] (for a caller that checks more at once).
+    pub fn load_unchecked(file: Option<&Path>) -> Result<Config, ConfigError> {
         let file = file
             .map(Path::to_path_buf)
             .or_else(|| std::env::var_os(ENV_CONFIG_FILE).map(PathBuf::from));
-        Self::from_figment(Self::figment(file.as_deref())?)
+        Self::from_figment_unchecked(Self::figment(file.as_deref())?)
     }
 
     /// The layered providers, without the built-in defaults (so we can see what the user set).
@@ -415,6 +434,12 @@ impl Config {
     }
 
     pub fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+        let config = Self::from_figment_unchecked(fig)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_figment_unchecked(fig: Figment) -> Result<Config, ConfigError> {
         let mut config: Config = fig.extract().map_err(|e| {
             let all: Vec<String> = e.into_iter().map(describe_figment_error).collect();
             ConfigError::Parse(all.join("; "))
@@ -422,7 +447,6 @@ impl Config {
         if let Some(region) = config.upstream.region {
             config.upstream.url = region.base_url().to_owned();
         }
-        config.validate()?;
         Ok(config)
     }
 }

@@ -5,24 +5,21 @@ use std::time::Duration;
 use super::*;
 
 impl Config {
-    /// Checks every value and reports all problems at once.
+    /// Checks every value and reports all problems at once. What only the components that use
+    /// a setting can judge (the egress TLS roots and proxy route, the Redis target) is checked
+    /// by them: [`crate::load_config`] gathers both, which is what the binary runs.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::from_problems(self.problems())
+    }
+
+    /// Every problem the values themselves show (see [`Config::validate`]).
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Err(why) = crate::http::BaseUrl::parse(&self.upstream.url) {
             problems.push(format!("upstream.url: {why}"));
         }
         if self.shutdown_grace > Duration::from_secs(600) {
             problems.push("shutdown_grace: must be at most 10m".to_owned());
-        }
-        if let Err(why) = crate::egress::tls_config(&self.upstream) {
-            problems.push(why);
-        }
-        if let Ok(uri) = self.upstream.url.parse::<http::Uri>() {
-            if let Err(why) =
-                crate::egress::proxy_route(&self.upstream, &uri, |v| std::env::var(v).ok())
-            {
-                problems.push(why);
-            }
         }
         if self.upstream.proxy_auth_file.is_some() && self.upstream.proxy_auth_env.is_some() {
             problems.push(
@@ -230,15 +227,12 @@ impl Config {
         if let Err(e) = self.admin_token() {
             problems.push(e);
         }
-        if !self.redis.url.is_empty() {
-            if let Err(e) = crate::fleet::Target::from_config(&self.redis) {
-                problems.push(e);
-            }
-        } else if self.redis.cluster
-            || !self.redis.username.is_empty()
-            || self.redis.password_file.is_some()
-            || self.redis.password_env.is_some()
-            || self.redis.ca_file.is_some()
+        if self.redis.url.is_empty()
+            && (self.redis.cluster
+                || !self.redis.username.is_empty()
+                || self.redis.password_file.is_some()
+                || self.redis.password_env.is_some()
+                || self.redis.ca_file.is_some())
         {
             problems
                 .push("redis.url: empty (fleet mode off), but other redis keys are set".to_owned());
@@ -263,10 +257,6 @@ impl Config {
         if let Err(e) = super::parse_filter(&self.log.level) {
             problems.push(format!("log.level: {e}"));
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        problems
     }
 }

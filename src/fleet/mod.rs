@@ -17,6 +17,15 @@ pub(crate) mod metrics;
 pub(crate) mod quota;
 pub(crate) mod target;
 
+/// What is wrong with the fleet settings that only parsing the Redis target shows (nothing
+/// when fleet mode is off).
+pub(crate) fn problems(cfg: &crate::config::RedisConfig) -> Vec<String> {
+    if cfg.url.is_empty() {
+        return Vec::new();
+    }
+    Target::from_config(cfg).err().into_iter().collect()
+}
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

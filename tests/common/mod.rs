@@ -103,7 +103,7 @@ impl Harness {
         };
         config.upstream.url = format!("http://{sim_addr}");
         tweak(&mut config);
-        config.validate().expect("test config is valid");
+        tpns_cache::check_config(&config).expect("test config is valid");
         Harness::proxy_for(sim, sim_addr, config, stop_sim).await
     }
 
