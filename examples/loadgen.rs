@@ -227,33 +227,43 @@ fn plain_server(args: &Args) {
             listener.local_addr().expect("addr"),
             body.len()
         );
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let body = body.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let body = body.clone();
-                        async move {
-                            let _ = req.into_body().collect().await;
-                            let mut r = Response::new(Full::new(body));
-                            r.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("application/json"),
-                            );
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        serve_plain(listener, body, std::future::pending::<()>()).await;
     });
+}
+
+/// The plain server's accept loop: every request is read whole and answered with `body`,
+/// until `stop` completes.
+async fn serve_plain(listener: TcpListener, body: Bytes, stop: impl std::future::Future) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(true);
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+            _ = &mut stop => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let body = body.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let body = body.clone();
+            async move {
+                let _ = req.into_body().collect().await;
+                let mut r = Response::new(Full::new(body));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                Ok::<_, std::convert::Infallible>(r)
+            }
+        });
+        let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
 }
 
 /// A plain hyper server answering every request with `body` (after reading the request).
@@ -268,38 +278,7 @@ fn start_baseline(body: Bytes) -> Baseline {
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(async move {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.keep_alive(true);
-        let mut rx = rx;
-        loop {
-            let stream = tokio::select! {
-                a = listener.accept() => match a {
-                    Ok((s, _)) => s,
-                    Err(_) => continue,
-                },
-                _ = &mut rx => return,
-            };
-            let _ = stream.set_nodelay(true);
-            let body = body.clone();
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let body = body.clone();
-                async move {
-                    let _ = req.into_body().collect().await;
-                    let mut r = Response::new(Full::new(body));
-                    r.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, std::convert::Infallible>(r)
-                }
-            });
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
-    });
+    rt.spawn(serve_plain(listener, body, rx));
     Baseline {
         addr,
         _rt: rt,

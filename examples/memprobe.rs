@@ -8,6 +8,11 @@
 //! 100 000 × 4 000 bytes, the largest scope the proxy keys (`limits.max_scope_bytes`), into a
 //! 64 MiB cache): every answer is a negative entry whose key pins its own top-level scope. RSS
 //! must stay within `MAX_BYTES` plus the fixed overhead.
+//!
+//! `cargo run --release --example memprobe -- moka [N] [VALUE_BYTES] [expire_after|ttl|plain]`
+//! measures moka's own floor: a `moka::sync::Cache<u128, Arc<[u8]>>` (the compact key) built as
+//! the store builds its cache (weigher, eviction listener, and per-entry expiry, one global
+//! lifetime or neither) filled with N values of VALUE_BYTES (default 1 000 000 × 150).
 
 /// The server's allocator (see `src/main.rs`), so the figures are the server's.
 #[global_allocator]
@@ -100,10 +105,54 @@ async fn pad() {
     );
 }
 
+/// moka alone, per entry (see the module's notes).
+fn moka_floor() {
+    let n: u64 = arg(2, 1_000_000);
+    let value: usize = arg(3, 150);
+    let mode: String = arg(4, "expire_after".to_owned());
+    let b = moka::sync::Cache::builder()
+        .max_capacity(u64::MAX / 4)
+        .weigher(|_k: &u128, v: &Arc<[u8]>| v.len() as u32)
+        .eviction_listener(|_k, _v, _c| {});
+    let b = match mode.as_str() {
+        "expire_after" => b.expire_after(Keep),
+        "ttl" => b.time_to_live(Duration::from_secs(3600)),
+        _ => b,
+    };
+    let cache: moka::sync::Cache<u128, Arc<[u8]>> = b.build();
+    let before = rss_bytes();
+    for i in 0..n {
+        let k = (u128::from(i) * 0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) ^ 0x1234;
+        let v: Arc<[u8]> = vec![(i % 251) as u8; value].into();
+        cache.insert(k, v);
+    }
+    cache.run_pending_tasks();
+    let after = rss_bytes();
+    println!(
+        "{mode}: {n} entries of {value} B: {:.0} B RSS per entry ({} entries)",
+        (after - before) as f64 / n as f64,
+        cache.entry_count()
+    );
+}
+
+struct Keep;
+impl moka::Expiry<u128, Arc<[u8]>> for Keep {
+    fn expire_after_create(
+        &self,
+        _k: &u128,
+        _v: &Arc<[u8]>,
+        _at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::from_secs(3600))
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    if std::env::args().nth(1).as_deref() == Some("pad") {
-        return pad().await;
+    match std::env::args().nth(1).as_deref() {
+        Some("pad") => return pad().await,
+        Some("moka") => return moka_floor(),
+        _ => {}
     }
     let n: usize = arg(1, 1_000_000);
     let store = Store::new(

@@ -100,34 +100,24 @@ async fn the_status_page_shows_what_metrics_says_in_a_real_browser() {
     );
 
     let m = |series: &str| sample(&metrics, series);
-    let asked: f64 = [
-        "hit",
-        "negative_hit",
-        "stale",
-        "shared_hit",
-        "coalesced",
-        "miss",
-        "unverified",
-    ]
-    .iter()
-    .map(|o| {
-        m(&format!(
-            r#"tpns_cache_lookups_total{{op="account_tokens",outcome="{o}"}}"#
-        )) + m(&format!(
-            r#"tpns_cache_lookups_total{{op="token_accounts",outcome="{o}"}}"#
-        ))
-    })
-    .sum();
-    let hits: f64 = ["hit", "negative_hit", "stale", "shared_hit", "coalesced"]
-        .iter()
-        .map(|o| {
-            m(&format!(
-                r#"tpns_cache_lookups_total{{op="account_tokens",outcome="{o}"}}"#
-            )) + m(&format!(
-                r#"tpns_cache_lookups_total{{op="token_accounts",outcome="{o}"}}"#
-            ))
-        })
-        .sum();
+    // Lookups with any of these outcomes, both ops.
+    let lookups = |outcomes: &[&str]| -> f64 {
+        outcomes
+            .iter()
+            .map(|o| {
+                ["account_tokens", "token_accounts"]
+                    .iter()
+                    .map(|op| {
+                        m(&format!(
+                            r#"tpns_cache_lookups_total{{op="{op}",outcome="{o}"}}"#
+                        ))
+                    })
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let hits = lookups(&["hit", "negative_hit", "stale", "shared_hit", "coalesced"]);
+    let asked = hits + lookups(&["miss", "unverified"]);
     let sent = m(r#"tpns_cache_upstream_identifiers_total{op="account_tokens"}"#)
         + m(r#"tpns_cache_upstream_identifiers_total{op="token_accounts"}"#);
     assert!(

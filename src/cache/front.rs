@@ -84,16 +84,18 @@ impl Front {
     ///
     /// No deadlock: readers take shards in ascending order and writers hold one shard at a
     /// time and take nothing else meanwhile.
-    pub(crate) fn get_many(&self, digests: &[u128]) -> Vec<Option<Arc<Entry>>> {
+    pub(crate) fn get_many(
+        &self,
+        digests: impl Iterator<Item = u128> + Clone,
+    ) -> Vec<Option<Arc<Entry>>> {
         let mut wanted = [false; SHARDS];
-        for &d in digests {
+        for d in digests.clone() {
             wanted[shard_of(d)] = true;
         }
         let guards: [Option<_>; SHARDS] =
             std::array::from_fn(|i| wanted[i].then(|| self.shards[i].read()));
         let found: Vec<Option<&Arc<Entry>>> = digests
-            .iter()
-            .map(|d| guards[shard_of(*d)].as_ref().and_then(|g| g.get(d)))
+            .map(|d| guards[shard_of(d)].as_ref().and_then(|g| g.get(&d)))
             .collect();
         // Touch each entry, then each element: independent loads, so their misses overlap.
         let mut touched = 0usize;

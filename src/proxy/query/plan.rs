@@ -20,17 +20,13 @@ use crate::proxy::status::Served;
 use crate::proxy::Proxy;
 use crate::upstream::Auth as UpstreamAuth;
 
-/// One distinct identifier of the request.
-pub(super) struct Unique {
-    pub(super) key: CacheKey,
-    /// The element as the client wrote it (sent upstream verbatim).
-    pub(super) raw: Box<RawValue>,
-}
-
 /// The request split into distinct keys; `positions` maps request order onto them.
 pub(super) struct Plan {
     pub(super) ctx: Arc<RequestContext>,
-    pub(super) uniques: Vec<Unique>,
+    /// One key per distinct identifier of the request...
+    pub(super) keys: Vec<CacheKey>,
+    /// ...and its element as the client wrote it (sent upstream verbatim).
+    pub(super) raws: Vec<Box<RawValue>>,
     pub(super) positions: Vec<usize>,
     /// Whether the upstream accepted the credential recently: only then is the cache read.
     pub(super) trusted: bool,
@@ -51,9 +47,11 @@ pub(super) fn plan(
         items,
     } = request;
     let top_scope: Option<Arc<str>> = top_scope.map(Arc::from);
-    let mut uniques: Vec<Unique> = Vec::with_capacity(items.len());
+    let mut keys: Vec<CacheKey> = Vec::with_capacity(items.len());
+    let mut raws: Vec<Box<RawValue>> = Vec::with_capacity(items.len());
     let mut positions: Vec<usize> = Vec::with_capacity(items.len());
-    let mut seen: HashMap<CacheKey, usize, foldhash::fast::RandomState> =
+    // Keys are equal exactly when their digests are (see `CacheKey`).
+    let mut seen: HashMap<u128, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
     // The identifiers and elements move out of the request into the keys (no copies); what
     // the keys share is hashed once.
@@ -64,9 +62,10 @@ pub(super) fn plan(
     );
     for item in items {
         let key = prefix.key(item.ident);
-        let idx = *seen.entry(key.clone()).or_insert_with(|| {
-            uniques.push(Unique { key, raw: item.raw });
-            uniques.len() - 1
+        let idx = *seen.entry(key.digest()).or_insert_with(|| {
+            keys.push(key);
+            raws.push(item.raw);
+            keys.len() - 1
         });
         positions.push(idx);
     }
@@ -85,7 +84,8 @@ pub(super) fn plan(
             headers: upstream_headers(headers),
             auth,
         }),
-        uniques,
+        keys,
+        raws,
         positions,
         trusted: proxy.trust.is_accepted(&scope.fingerprint),
         epoch,
@@ -119,10 +119,9 @@ pub(super) struct Looked {
 /// whole request goes upstream (and warms the cache if the upstream accepts it).
 pub(super) async fn look_up(proxy: &Proxy, scope: &Scope, plan: Plan) -> Looked {
     let found = if plan.trusted {
-        let keys: Vec<CacheKey> = plan.uniques.iter().map(|u| u.key.clone()).collect();
-        proxy.cache.lookup(&scope.app, &keys).await
+        proxy.cache.lookup(&scope.app, &plan.keys).await
     } else {
-        plan.uniques
+        plan.keys
             .iter()
             .map(|_| Found::Miss { stale: None })
             .collect()
@@ -147,7 +146,7 @@ pub(super) async fn fetch(
     outcome: &mut QueryOutcome,
 ) -> Result<Answers, Arc<FetchError>> {
     let Looked { plan, found } = looked;
-    let total = plan.uniques.len();
+    let total = plan.keys.len();
     outcome.op = Some(plan.ctx.op);
     let mut entries: Vec<Option<Arc<Entry>>> = vec![None; total];
     let mut stale_fallback: Vec<Option<Arc<Entry>>> = vec![None; total];
@@ -180,7 +179,7 @@ pub(super) async fn fetch(
     let fetcher = &proxy.fetcher;
     let items = |idx: &[usize]| {
         idx.iter()
-            .map(|&i| (plan.uniques[i].key.clone(), plan.uniques[i].raw.to_owned()))
+            .map(|&i| (plan.keys[i].clone(), plan.raws[i].clone()))
             .collect()
     };
     if !revalidate.is_empty() {
