@@ -9,7 +9,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use serde_json::value::RawValue;
 use tpns_cache::api::answer::{stitch, top_level_code, Answer, ElementCode};
 use tpns_cache::api::request::{parse_query, parse_request, Limits};
-use tpns_cache::cache::{CacheKey, Clock, Lookup, Policy, Store};
+use tpns_cache::cache::{CacheKey, Clock, KeyPrefix, Lookup, Policy, Store};
 
 const LIMITS: Limits = Limits {
     max_items: 1000,
@@ -43,21 +43,13 @@ fn parse_and_key(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &b, |bench, b| {
             bench.iter(|| {
+                // As the server plans a request: one digest per identifier (see `Plan`).
                 let req = parse_request(black_box(b.as_bytes()), &LIMITS).expect("valid");
                 let scope: Option<Arc<str>> = req.top_scope.as_deref().map(Arc::from);
-                let keys: Vec<CacheKey> = req
-                    .items
-                    .iter()
-                    .map(|i| {
-                        CacheKey::new(
-                            upstream.clone(),
-                            app.clone(),
-                            scope.clone(),
-                            i.ident.clone(),
-                        )
-                    })
-                    .collect();
-                black_box(keys)
+                let prefix = KeyPrefix::new(upstream.clone(), app.clone(), scope);
+                let digests: Vec<u128> =
+                    req.items.iter().map(|i| prefix.digest(&i.ident)).collect();
+                black_box(digests)
             })
         });
     }
@@ -82,7 +74,14 @@ fn stitch_cached(c: &mut Criterion) {
         let keys: Vec<CacheKey> = req
             .items
             .iter()
-            .map(|i| CacheKey::new(upstream.clone(), app.clone(), None, i.ident.clone()))
+            .map(|i| {
+                CacheKey::new(
+                    upstream.clone(),
+                    app.clone(),
+                    None,
+                    i.ident.to_owned_ident(),
+                )
+            })
             .collect();
         rt.block_on(async {
             for (i, k) in keys.iter().enumerate() {

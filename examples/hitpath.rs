@@ -87,11 +87,12 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
         // A long-running cache's entries have had their first hits, which moka sees in full
         // (see `RECORDED_IN_FULL`); a fresh store's have not. Not timed; `--cold` skips it.
         let now = store.clock().now();
+        let prefix = KeyPrefix::new(upstream.clone(), app.clone(), None);
         for i in 0..entries {
-            let ident = tpns_cache::api::request::Ident::Token(format!("tok-{i:08}").into());
-            let key = CacheKey::new(upstream.clone(), app.clone(), None, ident);
+            let ident = tpns_cache::api::request::Ident::Token(format!("tok-{i:08}"));
+            let digest = prefix.digest(&ident);
             for _ in 0..tpns_cache::cache::RECORDED_IN_FULL {
-                let _ = store.read(&key, now);
+                let _ = store.read(digest, now);
             }
         }
         store.sync().await;
@@ -120,16 +121,17 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
             let req = parse_request(body.as_bytes(), &limits).expect("valid");
             let now = store.clock().now();
             let op = req.op;
+            // As the server does: a digest per identifier (no key built for a hit).
             let prefix = KeyPrefix::new(upstream.clone(), app.clone(), None);
-            let keys: Vec<CacheKey> = req
+            let digests: Vec<u128> = req
                 .items
-                .into_iter()
-                .map(|item| prefix.key(item.ident))
+                .iter()
+                .map(|item| prefix.digest(&item.ident))
                 .collect();
             let lookups = if per_key {
-                keys.iter().map(|k| store.read(k, now)).collect()
+                digests.iter().map(|&d| store.read(d, now)).collect()
             } else {
-                store.read_many(&keys, now)
+                store.read_many(&digests, now)
             };
             let found: Vec<Arc<tpns_cache::cache::Entry>> = lookups
                 .into_iter()

@@ -5,6 +5,9 @@
 //! Every step is linear in the body and cheap, because it runs before the credential is known
 //! to be good (see [`parse_query`]).
 
+use std::borrow::Cow;
+use std::ops::Deref;
+
 use serde_json::value::RawValue;
 
 use super::error::ClientError;
@@ -54,19 +57,26 @@ impl Op {
 }
 
 /// One requested identifier, with every element-level field that can change its answer.
+///
+/// `S` is how the name is held: owned (`Box<str>`, the default: what cache keys keep) or, as
+/// parsed, borrowed from the request body where it has no escapes ([`IdentRef`]), so a cached
+/// identifier costs no allocation to look up.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Ident {
+pub enum Ident<S = Box<str>> {
     Account {
-        account: Box<str>,
+        account: S,
         /// The element's own `account_type`; `None` (absent) is not the same as `Some(0)`.
         account_type: Option<i64>,
         /// Canonical text of any other fields of the element (unknown to us, so part of the key).
         extra: Option<Box<str>>,
     },
-    Token(Box<str>),
+    Token(S),
 }
 
-impl Ident {
+/// An identifier as parsed: its name borrowed from the body when it can be.
+pub type IdentRef<'a> = Ident<Cow<'a, str>>;
+
+impl<S: Deref<Target = str>> Ident<S> {
     /// The value the upstream echoes in its answer element (`account` or `token`).
     pub fn name(&self) -> &str {
         match self {
@@ -85,16 +95,34 @@ impl Ident {
     }
 }
 
-/// One element of the client's list, as parsed and as sent.
-#[derive(Debug)]
-pub struct Item {
-    pub ident: Ident,
-    pub raw: Box<RawValue>,
+impl IdentRef<'_> {
+    /// An owned copy (what a cache key keeps).
+    pub fn to_owned_ident(&self) -> Ident {
+        match self {
+            Ident::Account {
+                account,
+                account_type,
+                extra,
+            } => Ident::Account {
+                account: Box::from(&**account),
+                account_type: *account_type,
+                extra: extra.clone(),
+            },
+            Ident::Token(t) => Ident::Token(Box::from(&**t)),
+        }
+    }
 }
 
-/// A validated query.
+/// One element of the client's list, as parsed (borrowed from the body) and as sent.
 #[derive(Debug)]
-pub struct QueryRequest {
+pub struct Item<'a> {
+    pub ident: IdentRef<'a>,
+    pub raw: &'a RawValue,
+}
+
+/// A validated query; its identifiers and elements borrow from the body.
+#[derive(Debug)]
+pub struct QueryRequest<'a> {
     pub op: Op,
     /// Every top-level member except `operator_type` and the op's list, raw and in order;
     /// forwarded on every upstream sub-request.
@@ -102,7 +130,7 @@ pub struct QueryRequest {
     /// Canonical text of `top_fields` (the part of the cache key shared by the whole request);
     /// `None` when there are none. Includes the top-level `account_type` when present.
     pub top_scope: Option<Box<str>>,
-    pub items: Vec<Item>,
+    pub items: Vec<Item<'a>>,
 }
 
 /// Validation limits (from `limits.*`).
@@ -212,6 +240,16 @@ fn parse_int(raw: &RawValue, field: &str) -> Result<i64, ClientError> {
     }
 }
 
+/// A JSON string's value, borrowed when it has no escapes (the usual case: then its text
+/// between the quotes is its value, the JSON being valid already); `None` when not a string.
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get().trim_matches(|c: char| c.is_ascii_whitespace());
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
+        _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
+}
+
 fn json_type(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -257,8 +295,8 @@ fn account_type_of(raw: &RawValue, field: &str) -> Result<i64, ClientError> {
 
 /// What a valid query body turned out to be.
 #[derive(Debug)]
-pub enum Parsed {
-    Query(QueryRequest),
+pub enum Parsed<'a> {
+    Query(QueryRequest<'a>),
     /// Its unknown fields (top-level and of all elements together) are larger than
     /// `limits.max_scope_bytes`: too large to be part of cache keys. Parsing stopped there; such
     /// a query is forwarded unchanged (the upstream judges it) and nothing of it is cached. Real
@@ -270,7 +308,7 @@ pub enum Parsed {
 /// Parses and validates a client query for the cache. Nothing is forwarded for a request that
 /// fails here. Every step is linear in the body: it runs before the credential is known to be
 /// good.
-pub fn parse_query(body: &[u8], limits: &Limits) -> Result<Parsed, ClientError> {
+pub fn parse_query<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, ClientError> {
     if nesting_exceeds(body, limits.max_depth) {
         return Err(invalid(format!(
             "JSON nested deeper than {} levels",
@@ -316,24 +354,21 @@ pub fn parse_query(body: &[u8], limits: &Limits) -> Result<Parsed, ClientError> 
         return Ok(Parsed::TooLargeToKey);
     }
     use serde::de::DeserializeSeed;
-    let mut items: Vec<Item> = Vec::new();
-    let mut each = |pos: usize, raw: &RawValue| -> Result<(), Stop> {
+    let mut items: Vec<Item<'a>> = Vec::new();
+    let mut each = |pos: usize, raw: &'a RawValue| -> Result<(), Stop> {
         let ident = match op {
             Op::TokenAccounts => {
-                let token: String = serde_json::from_str(raw.get()).map_err(|_| {
+                let token = json_str(raw).ok_or_else(|| {
                     Stop::Invalid(invalid(format!("token_list[{pos}] must be a string")))
                 })?;
                 check_identifier(&token, "token_list", pos, limits).map_err(Stop::Invalid)?;
-                Ident::Token(token.into_boxed_str())
+                Ident::Token(token)
             }
             Op::AccountTokens => parse_account_element(raw, pos, limits, &mut unknown_bytes)
                 .map_err(Stop::Invalid)?
                 .ok_or(Stop::TooLargeToKey)?,
         };
-        items.push(Item {
-            ident,
-            raw: raw.to_owned(),
-        });
+        items.push(Item { ident, raw });
         Ok(())
     };
     let stop = std::cell::Cell::new(None);
@@ -386,7 +421,7 @@ pub fn parse_query(body: &[u8], limits: &Limits) -> Result<Parsed, ClientError> 
 
 /// [`parse_query`] for callers that key every valid query, whatever the size of its unknown
 /// fields (the simulator, tests, benchmarks): `limits.max_scope_bytes` does not apply.
-pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, ClientError> {
+pub fn parse_request<'a>(body: &'a [u8], limits: &Limits) -> Result<QueryRequest<'a>, ClientError> {
     let unbounded = Limits {
         max_scope_bytes: usize::MAX,
         ..*limits
@@ -400,12 +435,12 @@ pub fn parse_request(body: &[u8], limits: &Limits) -> Result<QueryRequest, Clien
 
 /// An `account_list` element; `None` when its unknown fields push `unknown_bytes` past
 /// `limits.max_scope_bytes`.
-fn parse_account_element(
-    raw: &RawValue,
+fn parse_account_element<'a>(
+    raw: &'a RawValue,
     pos: usize,
     limits: &Limits,
     unknown_bytes: &mut usize,
-) -> Result<Option<Ident>, ClientError> {
+) -> Result<Option<IdentRef<'a>>, ClientError> {
     let el = RawObject::parse(raw.get().as_bytes(), limits.max_fields).map_err(|e| match e {
         ObjectError::Syntax(_) => invalid(format!("account_list[{pos}] must be an object")),
         ObjectError::Duplicate(k) => invalid(format!("account_list[{pos}]: duplicate key `{k}`")),
@@ -417,8 +452,8 @@ fn parse_account_element(
         .get("account")
         .filter(|v| v.get() != "null")
         .ok_or(ClientError::MissingParameter("account_list[].account"))?;
-    let account: String = serde_json::from_str(account_raw.get())
-        .map_err(|_| invalid(format!("account_list[{pos}].account must be a string")))?;
+    let account = json_str(account_raw)
+        .ok_or_else(|| invalid(format!("account_list[{pos}].account must be a string")))?;
     check_identifier(&account, "account_list", pos, limits)?;
     let account_type = el
         .get("account_type")
@@ -446,7 +481,7 @@ fn parse_account_element(
         )
     };
     Ok(Some(Ident::Account {
-        account: account.into_boxed_str(),
+        account,
         account_type,
         extra,
     }))

@@ -42,12 +42,37 @@ fn huge_lists_stop_at_the_limit() {
     assert!(e.to_string().contains("more than 5"), "{e}");
 }
 
-fn parse(v: &str) -> Result<QueryRequest, ClientError> {
+fn parse(v: &str) -> Result<QueryRequest<'_>, ClientError> {
     parse_request(v.as_bytes(), &LIMITS)
 }
 
 fn ret(v: &str) -> i64 {
     parse(v).expect_err("must be refused").class().ret_code
+}
+
+/// Names without escapes are borrowed from the body; with escapes they are decoded, and the
+/// two spellings of one name are one identifier (one key).
+#[test]
+fn names_are_borrowed_unless_escaped() {
+    let r = parse(r#"{"operator_type":2,"token_list":["ab", "a\u0062", "a\"b"]}"#).unwrap();
+    let names: Vec<&Cow<'_, str>> = r
+        .items
+        .iter()
+        .map(|i| match &i.ident {
+            Ident::Token(t) => t,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(matches!(names[0], Cow::Borrowed("ab")));
+    assert!(matches!(names[1], Cow::Owned(n) if n == "ab"));
+    assert!(matches!(names[2], Cow::Owned(n) if n == "a\"b"));
+    assert_eq!(r.items[0].ident, r.items[1].ident);
+    assert_eq!(r.items[1].raw.get(), r#""a\u0062""#, "sent as written");
+    let r = parse(r#"{"operator_type":1,"account_list":[{"account":"x\u0079"},{"account":"xy"}]}"#)
+        .unwrap();
+    assert_eq!(r.items[0].ident, r.items[1].ident);
+    assert_eq!(r.items[0].ident.to_owned_ident().name(), "xy");
+    assert_eq!(ret(r#"{"operator_type":2,"token_list":[1]}"#), 1_008_007);
 }
 
 #[test]
@@ -88,7 +113,7 @@ fn unknown_fields_are_kept_and_keyed() {
     assert!(
         matches!(&r.items[0].ident, Ident::Account { extra: Some(e), .. } if &**e == r#"{"k":1}"#)
     );
-    let body = build_upstream_body(r.op, &r.top_fields, r.items.iter().map(|i| i.raw.as_ref()));
+    let body = build_upstream_body(r.op, &r.top_fields, r.items.iter().map(|i| i.raw));
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         v,

@@ -58,6 +58,14 @@ impl CacheKey {
     }
 }
 
+/// A map of keys can be probed with a digest alone: a key hashes and compares exactly as its
+/// digest does (`write_u128` of it, equal when the digests are).
+impl std::borrow::Borrow<u128> for CacheKey {
+    fn borrow(&self) -> &u128 {
+        &self.0.digest
+    }
+}
+
 impl PartialEq for KeyData {
     fn eq(&self, other: &KeyData) -> bool {
         self.digest == other.digest
@@ -142,6 +150,25 @@ impl KeyPrefix {
         self.clone().into_key(ident)
     }
 
+    /// The digest of the key `ident` has under this prefix, without building the key (a
+    /// lookup needs no more: see [`CacheKey`]).
+    pub fn digest<S: std::ops::Deref<Target = str>>(&self, ident: &Ident<S>) -> u128 {
+        digest(self.hasher, ident)
+    }
+
+    /// The key of `ident`, whose digest under this prefix is `digest` (from
+    /// [`KeyPrefix::digest`]: not computed again).
+    pub fn key_with_digest(&self, digest: u128, ident: Ident) -> CacheKey {
+        debug_assert_eq!(digest, self.digest(&ident));
+        CacheKey(Arc::new(KeyData {
+            digest,
+            upstream: self.upstream.clone(),
+            access_id: self.access_id.clone(),
+            top_scope: self.top_scope.clone(),
+            ident,
+        }))
+    }
+
     fn into_key(self, ident: Ident) -> CacheKey {
         CacheKey(Arc::new(KeyData {
             digest: digest(self.hasher, &ident),
@@ -154,7 +181,10 @@ impl KeyPrefix {
 }
 
 /// The digest of a key: the prefix's state, then the identifier's fields.
-fn digest(mut h: siphasher::sip128::SipHasher13, ident: &Ident) -> u128 {
+fn digest<S: std::ops::Deref<Target = str>>(
+    mut h: siphasher::sip128::SipHasher13,
+    ident: &Ident<S>,
+) -> u128 {
     use std::hash::Hasher as _;
     match ident {
         Ident::Token(t) => {
@@ -285,6 +315,44 @@ mod tests {
             key("app", acct(Some(1), None), None),
             key("app", acct(None, Some("{\"k\":1}")), None),
         ]
+    }
+
+    /// A lookup by digest finds exactly what a lookup by key finds: a key hashes as its
+    /// digest does, the digest a prefix computes for a borrowed identifier is the key's, and
+    /// moka answers a probe by digest.
+    #[test]
+    fn a_digest_stands_for_its_key() {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::RandomState::default();
+        for k in variants() {
+            assert_eq!(h.hash_one(&k), h.hash_one(k.digest()));
+            let prefix =
+                KeyPrefix::new(k.upstream.clone(), k.access_id.clone(), k.top_scope.clone());
+            let borrowed: Ident<std::borrow::Cow<'_, str>> = match &k.ident {
+                Ident::Token(t) => Ident::Token(std::borrow::Cow::Borrowed(&**t)),
+                Ident::Account {
+                    account,
+                    account_type,
+                    extra,
+                } => Ident::Account {
+                    account: std::borrow::Cow::Borrowed(&**account),
+                    account_type: *account_type,
+                    extra: extra.clone(),
+                },
+            };
+            assert_eq!(prefix.digest(&borrowed), k.digest());
+            assert_eq!(prefix.key_with_digest(k.digest(), k.ident.clone()), k);
+        }
+        let cache: moka::sync::Cache<CacheKey, u8, foldhash::fast::RandomState> =
+            moka::sync::Cache::builder().build_with_hasher(Default::default());
+        let keys = variants();
+        for (i, k) in keys.iter().enumerate() {
+            cache.insert(k.clone(), i as u8);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(cache.get(&k.digest()), Some(i as u8));
+        }
+        assert_eq!(cache.get(&0u128), None);
     }
 
     /// Two keys that differ in any compared field have different shared names.

@@ -200,33 +200,36 @@ impl Store {
     }
 
     pub async fn get(&self, key: &CacheKey) -> Lookup {
-        self.read(key, self.clock.now())
+        self.read(key.digest(), self.clock.now())
     }
 
-    /// A lookup as of `now` (one clock read serves a whole request).
-    pub fn read(&self, key: &CacheKey, now: Instant) -> Lookup {
-        self.classify(key, self.front.get(key.digest()), now)
+    /// A lookup of the key with this digest as of `now` (one clock read serves a whole
+    /// request). A digest is all a lookup needs (see [`CacheKey`]): hits build no key.
+    pub fn read(&self, digest: u128, now: Instant) -> Lookup {
+        self.classify(digest, self.front.get(digest), now)
     }
 
     /// [`Store::read`] for every key of a request, with the read map probed for all of them
     /// at once (see [`Front::get_many`]).
-    pub fn read_many(&self, keys: &[CacheKey], now: Instant) -> Vec<Lookup> {
-        let entries = self.front.get_many(keys.iter().map(CacheKey::digest));
-        keys.iter()
+    pub fn read_many(&self, digests: &[u128], now: Instant) -> Vec<Lookup> {
+        let entries = self.front.get_many(digests.iter().copied());
+        digests
+            .iter()
             .zip(entries)
-            .map(|(key, entry)| self.classify(key, entry, now))
+            .map(|(&digest, entry)| self.classify(digest, entry, now))
             .collect()
     }
 
-    /// What a read of `key` that found `entry` in the read map means at `now`; tells moka of
-    /// the read when it should see it (see the module's notes).
-    fn classify(&self, key: &CacheKey, entry: Option<Arc<Entry>>, now: Instant) -> Lookup {
+    /// What a read of the key with this digest that found `entry` in the read map means at
+    /// `now`; tells moka of the read when it should see it (see the module's notes). moka is
+    /// probed with the digest alone (a key hashes and compares as its digest).
+    fn classify(&self, digest: u128, entry: Option<Arc<Entry>>, now: Instant) -> Lookup {
         let Some(entry) = entry else {
-            let _ = self.cache.get(key); // moka counts every miss (see the module's notes)
+            let _ = self.cache.get(&digest); // moka counts every miss (see the module's notes)
             return Lookup::Miss;
         };
         if record_hit(&entry) {
-            let _ = self.cache.get(key);
+            let _ = self.cache.get(&digest);
         }
         if let ElementCode::Other(_) = entry.answer.code {
             // Never stored (see `Policy::lifetime`), but a lookup must not guess.

@@ -132,15 +132,21 @@ impl Cache {
         });
     }
 
-    /// Looks `keys` (all of `app`, for a credential the upstream accepted) up in this sidecar,
-    /// then what is missing in the shared tier (one round trip). A shared value is promoted
-    /// into this sidecar's cache unless a write to the app passed meanwhile.
-    pub(crate) async fn lookup(&self, app: &Arc<str>, keys: &[CacheKey]) -> Vec<Found> {
+    /// Looks the keys with these digests (all of `app`, for a credential the upstream
+    /// accepted) up in this sidecar, then what is missing in the shared tier (one round trip).
+    /// A shared value is promoted into this sidecar's cache unless a write to the app passed
+    /// meanwhile. `key_of(i)` builds the `i`th key, only for what the shared tier is asked.
+    pub(crate) async fn lookup(
+        &self,
+        app: &Arc<str>,
+        digests: &[u128],
+        key_of: impl Fn(usize) -> CacheKey,
+    ) -> Vec<Found> {
         let epoch = self.epoch(app);
         let now = self.local.clock().now();
         let mut found: Vec<Found> = self
             .local
-            .read_many(keys, now)
+            .read_many(digests, now)
             .into_iter()
             .map(|l| match l {
                 Lookup::Fresh(e) => Found::Fresh(e),
@@ -152,19 +158,19 @@ impl Cache {
         let Some(fleet) = &self.fleet else {
             return found;
         };
-        let wanted: Vec<usize> = (0..keys.len())
+        let wanted: Vec<usize> = (0..digests.len())
             .filter(|&i| matches!(found[i], Found::Miss { .. }))
             .collect();
         if wanted.is_empty() || !self.shared_usable(app).await {
             return found;
         }
-        let asked: Vec<CacheKey> = wanted.iter().map(|&i| keys[i].clone()).collect();
+        let asked: Vec<CacheKey> = wanted.iter().map(|&i| key_of(i)).collect();
         if let Some(hits) = fleet.shared.lookup(app, &asked).await {
-            for (&i, hit) in wanted.iter().zip(hits) {
+            for ((&i, key), hit) in wanted.iter().zip(asked).zip(hits) {
                 if let Some((answer, fresh_for)) = hit {
                     let (entry, _) = self
                         .local
-                        .put_fresh_for_since(keys[i].clone(), answer, fresh_for, epoch)
+                        .put_fresh_for_since(key, answer, fresh_for, epoch)
                         .await;
                     found[i] = Found::Shared(entry);
                 }

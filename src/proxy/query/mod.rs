@@ -93,7 +93,7 @@ async fn serve(
         Ok(a) => a,
         Err(failure) => return upstream_failure(proxy, &scope, &failure, outcome),
     };
-    respond(proxy, &scope, body.bytes, answers, outcome)
+    respond(proxy, &scope, &body.bytes, answers, outcome)
 }
 
 // ---------------------------------------------------------------- scope
@@ -256,7 +256,7 @@ fn from_memo(
 
 // ---------------------------------------------------------------- validate
 
-fn validate(proxy: &Proxy, body: &[u8]) -> Result<Parsed, ClientError> {
+fn validate<'a>(proxy: &Proxy, body: &'a [u8]) -> Result<Parsed<'a>, ClientError> {
     let l = &proxy.config.limits;
     parse_query(
         body,
@@ -312,8 +312,8 @@ fn upstream_failure(
 fn respond(
     proxy: &Proxy,
     scope: &Scope,
-    body: Bytes,
-    answers: plan::Answers,
+    body: &Bytes,
+    answers: plan::Answers<'_>,
     outcome: &mut QueryOutcome,
 ) -> Response<ProxyBody> {
     let plan::Answers {
@@ -344,7 +344,7 @@ fn respond(
         if let Some(fresh_until) = entries.iter().map(|e| e.fresh_until).min() {
             memo.put(
                 scope.fingerprint,
-                body,
+                body.clone(),
                 Memoized {
                     body: stitched.clone(),
                     cache_status: status,

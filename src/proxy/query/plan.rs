@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use super::outcome::QueryOutcome;
 use super::Scope;
 use crate::api::error::UpstreamError;
-use crate::api::request::QueryRequest;
+use crate::api::request::{Item, QueryRequest};
 use crate::cache::{CacheKey, Entry, Found, KeyPrefix};
 use crate::fetch::{FetchError, RequestContext};
 use crate::metrics::labels::LookupOutcome;
@@ -21,12 +21,18 @@ use crate::proxy::Proxy;
 use crate::upstream::Auth as UpstreamAuth;
 
 /// The request split into distinct keys; `positions` maps request order onto them.
-pub(super) struct Plan {
+///
+/// A lookup needs only a key's digest, so that is all the plan computes for each identifier;
+/// the identifiers and elements stay borrowed from the body, and a key (and an owned copy of
+/// the element) is built only for what is fetched or asked of the shared tier.
+pub(super) struct Plan<'a> {
     pub(super) ctx: Arc<RequestContext>,
-    /// One key per distinct identifier of the request...
-    pub(super) keys: Vec<CacheKey>,
-    /// ...and its element as the client wrote it (sent upstream verbatim).
-    pub(super) raws: Vec<Box<RawValue>>,
+    /// What the request's keys share (hashed once).
+    prefix: KeyPrefix,
+    /// The digest of each distinct identifier's key...
+    pub(super) digests: Vec<u128>,
+    /// ...and the identifier with its element as the client wrote it (sent upstream verbatim).
+    items: Vec<Item<'a>>,
     pub(super) positions: Vec<usize>,
     /// Whether the upstream accepted the credential recently: only then is the cache read.
     pub(super) trusted: bool,
@@ -34,38 +40,50 @@ pub(super) struct Plan {
     pub(super) epoch: u64,
 }
 
-pub(super) fn plan(
+impl Plan<'_> {
+    /// The key of the `i`th distinct identifier.
+    fn key(&self, i: usize) -> CacheKey {
+        self.prefix
+            .key_with_digest(self.digests[i], self.items[i].ident.to_owned_ident())
+    }
+
+    /// The `i`th key with its element, for a fetch.
+    fn fetch_item(&self, i: usize) -> (CacheKey, Box<RawValue>) {
+        (self.key(i), self.items[i].raw.to_owned())
+    }
+}
+
+pub(super) fn plan<'a>(
     proxy: &Proxy,
     scope: &Scope,
-    request: QueryRequest,
+    request: QueryRequest<'a>,
     headers: &HeaderMap,
-) -> Plan {
+) -> Plan<'a> {
     let QueryRequest {
         op,
         top_fields,
         top_scope,
-        items,
+        items: requested,
     } = request;
     let top_scope: Option<Arc<str>> = top_scope.map(Arc::from);
-    let mut keys: Vec<CacheKey> = Vec::with_capacity(items.len());
-    let mut raws: Vec<Box<RawValue>> = Vec::with_capacity(items.len());
-    let mut positions: Vec<usize> = Vec::with_capacity(items.len());
+    let mut digests: Vec<u128> = Vec::with_capacity(requested.len());
+    let mut items: Vec<Item<'a>> = Vec::with_capacity(requested.len());
+    let mut positions: Vec<usize> = Vec::with_capacity(requested.len());
     // Keys are equal exactly when their digests are (see `CacheKey`).
     let mut seen: HashMap<u128, usize, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(items.len(), foldhash::fast::RandomState::default());
-    // The identifiers and elements move out of the request into the keys (no copies); what
-    // the keys share is hashed once.
+        HashMap::with_capacity_and_hasher(requested.len(), foldhash::fast::RandomState::default());
+    // What the keys share is hashed once.
     let prefix = KeyPrefix::new(
         proxy.upstream_id.clone(),
         scope.app.clone(),
         top_scope.clone(),
     );
-    for item in items {
-        let key = prefix.key(item.ident);
-        let idx = *seen.entry(key.digest()).or_insert_with(|| {
-            keys.push(key);
-            raws.push(item.raw);
-            keys.len() - 1
+    for item in requested {
+        let digest = prefix.digest(&item.ident);
+        let idx = *seen.entry(digest).or_insert_with(|| {
+            digests.push(digest);
+            items.push(item);
+            digests.len() - 1
         });
         positions.push(idx);
     }
@@ -84,8 +102,9 @@ pub(super) fn plan(
             headers: upstream_headers(headers),
             auth,
         }),
-        keys,
-        raws,
+        prefix,
+        digests,
+        items,
         positions,
         trusted: proxy.trust.is_accepted(&scope.fingerprint),
         epoch,
@@ -110,18 +129,21 @@ fn upstream_headers(client: &HeaderMap) -> HeaderMap {
 }
 
 /// The plan and what both tiers hold for each of its keys.
-pub(super) struct Looked {
-    pub(super) plan: Plan,
+pub(super) struct Looked<'a> {
+    pub(super) plan: Plan<'a>,
     pub(super) found: Vec<Found>,
 }
 
 /// Looks every key up, for a credential the upstream accepted recently; for any other, the
 /// whole request goes upstream (and warms the cache if the upstream accepts it).
-pub(super) async fn look_up(proxy: &Proxy, scope: &Scope, plan: Plan) -> Looked {
+pub(super) async fn look_up<'a>(proxy: &Proxy, scope: &Scope, plan: Plan<'a>) -> Looked<'a> {
     let found = if plan.trusted {
-        proxy.cache.lookup(&scope.app, &plan.keys).await
+        proxy
+            .cache
+            .lookup(&scope.app, &plan.digests, |i| plan.key(i))
+            .await
     } else {
-        plan.keys
+        plan.digests
             .iter()
             .map(|_| Found::Miss { stale: None })
             .collect()
@@ -130,8 +152,8 @@ pub(super) async fn look_up(proxy: &Proxy, scope: &Scope, plan: Plan) -> Looked 
 }
 
 /// An answer for each distinct identifier, and how it was served.
-pub(super) struct Answers {
-    pub(super) plan: Plan,
+pub(super) struct Answers<'a> {
+    pub(super) plan: Plan<'a>,
     pub(super) entries: Vec<Arc<Entry>>,
     pub(super) served: Served,
     /// Every identifier came fresh from the cache: the answer may be memoized.
@@ -140,13 +162,13 @@ pub(super) struct Answers {
 
 /// Fetches the misses (joining flights already in the air), refreshes the entries past their
 /// lifetime in the background, and lets a stale entry stand in when the upstream cannot answer.
-pub(super) async fn fetch(
+pub(super) async fn fetch<'a>(
     proxy: &Proxy,
-    looked: Looked,
+    looked: Looked<'a>,
     outcome: &mut QueryOutcome,
-) -> Result<Answers, Arc<FetchError>> {
+) -> Result<Answers<'a>, Arc<FetchError>> {
     let Looked { plan, found } = looked;
-    let total = plan.keys.len();
+    let total = plan.digests.len();
     outcome.op = Some(plan.ctx.op);
     let mut entries: Vec<Option<Arc<Entry>>> = vec![None; total];
     let mut stale_fallback: Vec<Option<Arc<Entry>>> = vec![None; total];
@@ -177,11 +199,7 @@ pub(super) async fn fetch(
         }
     }
     let fetcher = &proxy.fetcher;
-    let items = |idx: &[usize]| {
-        idx.iter()
-            .map(|&i| (plan.keys[i].clone(), plan.raws[i].clone()))
-            .collect()
-    };
+    let items = |idx: &[usize]| idx.iter().map(|&i| plan.fetch_item(i)).collect();
     if !revalidate.is_empty() {
         outcome.refreshes_started += fetcher.refresh(&plan.ctx, items(&revalidate)) as u64;
         outcome.stale_revalidate += revalidate.len() as u64;
