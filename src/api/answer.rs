@@ -248,7 +248,15 @@ pub fn stitch<'a>(
     ret_code: i64,
     answers: impl Iterator<Item = &'a Answer> + Clone,
 ) -> Vec<u8> {
-    let mut out = String::with_capacity(256);
+    // Sized once: the codes and elements, plus the fixed text around them.
+    let size = 160
+        + answers
+            .clone()
+            .map(|a| {
+                a.code.as_str().len() + 4 + a.element.as_deref().map_or(0, |e| e.get().len() + 1)
+            })
+            .sum::<usize>();
+    let mut out = String::with_capacity(size);
     let _ = write!(out, "{{\"retCode\":{ret_code},\"errMsg\":");
     push_json_str(&mut out, code::message(ret_code));
     out.push_str(",\"result\":[");

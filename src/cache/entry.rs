@@ -12,14 +12,12 @@ use crate::api::answer::{Answer, ElementCode};
 #[derive(Debug)]
 pub struct Entry {
     pub answer: Answer,
-    /// End of the fresh period, on [`Clock`] time.
+    /// End of the fresh period, on [`Clock`] time. The stale periods after it are the
+    /// policy's, the same for every entry, so they are not stored (see [`Policy::classify`]).
     pub fresh_until: Instant,
-    /// End of the stale-while-revalidate period.
-    pub revalidate_until: Instant,
-    /// End of the stale-if-error period.
-    pub stale_until: Instant,
-    /// How long moka keeps it (on moka's own clock), so memory is reclaimed.
-    pub keep: Duration,
+    /// How long moka keeps it (on moka's own clock), so memory is reclaimed: whole seconds,
+    /// rounded up (see [`Entry::keep`]).
+    keep_secs: u32,
     /// How many of its hits moka was told of, counted up to a few (see
     /// [`crate::cache::Store::read`]).
     pub(crate) recorded: AtomicU32,
@@ -28,6 +26,12 @@ pub struct Entry {
 impl Entry {
     pub fn is_negative(&self) -> bool {
         matches!(self.answer.code, ElementCode::NotFound)
+    }
+
+    /// How long moka keeps it: to the end of its last stale period, rounded up to a second
+    /// (the lookup itself goes by [`Entry::fresh_until`] and the policy, to the nanosecond).
+    pub fn keep(&self) -> Duration {
+        Duration::from_secs(u64::from(self.keep_secs))
     }
 }
 
@@ -123,17 +127,30 @@ impl Policy {
             (Some(l), None) => self.jittered(l),
             (None, _) => Duration::ZERO,
         };
-        let swr = self.stale_while_revalidate;
-        let sie = self.stale_if_error;
+        let keep = fresh + self.keep_after_fresh();
         let entry = Arc::new(Entry {
             answer,
             fresh_until: now + fresh,
-            revalidate_until: now + fresh + swr,
-            stale_until: now + fresh + swr.max(sie),
-            keep: fresh + swr.max(sie),
+            keep_secs: u32::try_from(keep.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u32::MAX),
             recorded: AtomicU32::new(0),
         });
         (entry, lifetime.is_some())
+    }
+
+    /// What `entry` is worth at `now`: fresh, within stale-while-revalidate, within
+    /// stale-if-error, or past all of them.
+    pub fn classify(&self, entry: Arc<Entry>, now: Instant) -> Lookup {
+        if now < entry.fresh_until {
+            return Lookup::Fresh(entry);
+        }
+        let past = now.saturating_duration_since(entry.fresh_until);
+        if past < self.stale_while_revalidate {
+            Lookup::Revalidate(entry)
+        } else if past < self.keep_after_fresh() {
+            Lookup::StaleIfError(entry)
+        } else {
+            Lookup::Miss
+        }
     }
 
     /// How long entries are kept after their fresh period (the longer stale window).

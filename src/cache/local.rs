@@ -79,7 +79,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         value: &Arc<Entry>,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(value.keep)
+        Some(value.keep())
     }
     fn expire_after_update(
         &self,
@@ -88,7 +88,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.keep)
+        Some(value.keep())
     }
 }
 
@@ -235,15 +235,7 @@ impl Store {
             // Never stored (see `Policy::lifetime`), but a lookup must not guess.
             return Lookup::Miss;
         }
-        if now < entry.fresh_until {
-            Lookup::Fresh(entry)
-        } else if now < entry.revalidate_until {
-            Lookup::Revalidate(entry)
-        } else if now < entry.stale_until {
-            Lookup::StaleIfError(entry)
-        } else {
-            Lookup::Miss
-        }
+        self.policy.classify(entry, now)
     }
 
     /// Wraps an upstream answer into an entry and stores it when the policy allows, unless a

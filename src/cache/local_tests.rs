@@ -416,3 +416,44 @@ async fn reading_a_request_at_once_is_reading_each_key() {
     }
     assert_eq!(hits, 201, "200 stored, one repeated");
 }
+
+/// The stale windows are the policy's, counted from the entry's own fresh end, exactly at
+/// their boundaries; moka keeps the entry at least to the end of the last one.
+#[tokio::test(start_paused = true)]
+async fn stale_windows_end_exactly_where_the_policy_says() {
+    let policy = Policy {
+        stale_while_revalidate: Duration::from_millis(1500),
+        stale_if_error: Duration::from_millis(4200),
+        ..Policy::fresh_only(Duration::from_millis(2300), Duration::from_secs(1))
+    };
+    let now = tokio::time::Instant::now();
+    let (entry, cacheable) = policy.entry(ok(), now, None);
+    assert!(cacheable);
+    assert_eq!(entry.fresh_until, now + Duration::from_millis(2300));
+    assert_eq!(entry.keep(), Duration::from_secs(7), "6.5 s rounded up");
+    let at = |ms: u64| policy.classify(entry.clone(), now + Duration::from_millis(ms));
+    let nanos = Duration::from_nanos(1);
+    assert!(matches!(at(0), Lookup::Fresh(_)));
+    assert!(matches!(
+        policy.classify(entry.clone(), entry.fresh_until - nanos),
+        Lookup::Fresh(_)
+    ));
+    assert!(matches!(at(2300), Lookup::Revalidate(_)));
+    assert!(matches!(
+        policy.classify(entry.clone(), now + Duration::from_millis(3800) - nanos),
+        Lookup::Revalidate(_)
+    ));
+    assert!(matches!(at(3800), Lookup::StaleIfError(_)));
+    assert!(matches!(
+        policy.classify(entry.clone(), now + Duration::from_millis(6500) - nanos),
+        Lookup::StaleIfError(_)
+    ));
+    assert!(matches!(at(6500), Lookup::Miss));
+    // A shared-tier value's remaining fresh time counts the same way.
+    let (shared, _) = policy.entry(ok(), now, Some(Duration::from_millis(100)));
+    assert!(matches!(
+        policy.classify(shared.clone(), now + Duration::from_millis(1599)),
+        Lookup::Revalidate(_)
+    ));
+    assert_eq!(shared.keep(), Duration::from_secs(5), "4.3 s rounded up");
+}
