@@ -6,6 +6,7 @@
 #
 #   bash benches/varied-hit.sh                 # IDS=100000 DURATION=15s CONN=32 BATCHES="20 100"
 #   PERF=1 bash benches/varied-hit.sh          # also perf-record the proxy during batch PERF_BATCH (100)
+#                                              # (PERF_ARGS="--call-graph dwarf" for Rust call stacks)
 #
 # Needs: target/release/tpns-cache and target/release/examples/loadgen (built when missing),
 # wrk (apt-get install wrk), python3; perf for PERF=1. Prints one row per batch size.
@@ -83,7 +84,8 @@ EOF
   wait_port "$PLAIN"
   before=$(metric 'tpns_cache_upstream_identifiers_total')
   if [[ ${PERF:-0} == 1 && $BATCH == "${PERF_BATCH:-100}" ]]; then
-    perf record -F 499 -g -p "$PROXY_PID" -o "$OUT/perf-$BATCH.data" -- sleep 10 >/dev/null 2>&1 &
+    # shellcheck disable=SC2086
+    perf record -F 499 ${PERF_ARGS:--g} -p "$PROXY_PID" -o "$OUT/perf-$BATCH.data" -- sleep 10 >/dev/null 2>&1 &
     PERF_PID=$!
   fi
   wrk -t1 -c"$CONN" -d"$DURATION" --latency -s benches/varied-hit.lua "http://127.0.0.1:$PROXY" >"$OUT/wrk-proxy-$BATCH.txt"

@@ -82,7 +82,9 @@ pub(crate) enum Unscoped {
 /// The keys the proxy holds (to verify and re-sign signatures, to inject), and the key of the
 /// fingerprints.
 pub(crate) struct Credentials {
-    key: [u8; 32],
+    /// The fingerprints' HMAC, already keyed (with a random key): each fingerprint clones it
+    /// instead of hashing the key's two pads again.
+    keyed: Hmac<Sha256>,
     keys: Keys,
     max_skew: std::time::Duration,
 }
@@ -103,8 +105,11 @@ impl Credentials {
     ) -> Result<Credentials, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;
+        // HMAC accepts keys of any length; this cannot fail.
+        let keyed = <Hmac<Sha256> as Mac>::new_from_slice(&key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         Ok(Credentials {
-            key,
+            keyed,
             keys,
             max_skew,
         })
@@ -235,9 +240,7 @@ impl Credentials {
     }
 
     fn fingerprint(&self, header: &[u8]) -> Fingerprint {
-        // HMAC accepts keys of any length; this cannot fail.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        let mut mac = self.keyed.clone();
         mac.update(header);
         mac.finalize().into_bytes().into()
     }
