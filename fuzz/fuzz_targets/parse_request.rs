@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(!req.items.is_empty() && req.items.len() <= LIMITS.max_items);
-    let body = build_upstream_body(req.op, &req.top_fields, req.items.iter().map(|i| i.raw.as_ref()));
+    let body = build_upstream_body(req.op, &req.top_fields, req.items.iter().map(|i| i.raw));
     let again = parse_request(&body, &LIMITS).expect("a rebuilt body parses");
     assert_eq!(again.op, req.op);
     assert_eq!(again.top_scope, req.top_scope);

@@ -18,7 +18,7 @@ use super::request::{Ident, Op};
 pub fn build_upstream_body<'a>(
     op: Op,
     top_fields: &[(String, Box<RawValue>)],
-    elements: impl Iterator<Item = &'a RawValue>,
+    elements: impl Iterator<Item = &'a str>,
 ) -> Vec<u8> {
     let mut out = String::with_capacity(64);
     let _ = write!(out, "{{\"operator_type\":{}", op.operator_type());
@@ -35,7 +35,7 @@ pub fn build_upstream_body<'a>(
         if i > 0 {
             out.push(',');
         }
-        out.push_str(el.get());
+        out.push_str(el);
     }
     out.push_str("]}");
     out.into_bytes()

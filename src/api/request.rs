@@ -117,7 +117,8 @@ impl IdentRef<'_> {
 #[derive(Debug)]
 pub struct Item<'a> {
     pub ident: IdentRef<'a>,
-    pub raw: &'a RawValue,
+    /// The element's JSON text exactly as the client wrote it (valid JSON: it was parsed).
+    pub raw: &'a str,
 }
 
 /// A validated query; its identifiers and elements borrow from the body.
@@ -353,6 +354,19 @@ pub fn parse_query<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Cl
     if unknown_bytes > limits.max_scope_bytes {
         return Ok(Parsed::TooLargeToKey);
     }
+    if op == Op::TokenAccounts {
+        if let Some(list) = plain_token_list(list_raw.get(), limits.max_items) {
+            let mut items = Vec::with_capacity(list.len());
+            for (pos, (raw, name)) in list.into_iter().enumerate() {
+                check_identifier(name, "token_list", pos, limits)?;
+                items.push(Item {
+                    ident: Ident::Token(Cow::Borrowed(name)),
+                    raw,
+                });
+            }
+            return Ok(Parsed::Query(finish(op, obj, items)?));
+        }
+    }
     use serde::de::DeserializeSeed;
     let mut items: Vec<Item<'a>> = Vec::new();
     let mut each = |pos: usize, raw: &'a RawValue| -> Result<(), Stop> {
@@ -368,7 +382,10 @@ pub fn parse_query<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Cl
                 .map_err(Stop::Invalid)?
                 .ok_or(Stop::TooLargeToKey)?,
         };
-        items.push(Item { ident, raw });
+        items.push(Item {
+            ident,
+            raw: raw.get(),
+        });
         Ok(())
     };
     let stop = std::cell::Cell::new(None);
@@ -392,6 +409,17 @@ pub fn parse_query<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Cl
         (Ok(0), None) => return Err(invalid(format!("{list_field} is empty"))),
         (Ok(_), None) => {}
     }
+    Ok(Parsed::Query(finish(op, obj, items)?))
+}
+
+/// The request around its list: the top-level fields other than `operator_type` and the list,
+/// raw and canonical.
+fn finish<'a>(
+    op: Op,
+    obj: RawObject<'a>,
+    items: Vec<Item<'a>>,
+) -> Result<QueryRequest<'a>, ClientError> {
+    let list_field = op.list_field();
     let top_fields: Vec<(String, Box<RawValue>)> = obj
         .0
         .into_iter()
@@ -411,12 +439,58 @@ pub fn parse_query<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, Cl
                 .into_boxed_str(),
         )
     };
-    Ok(Parsed::Query(QueryRequest {
+    Ok(QueryRequest {
         op,
         top_fields,
         top_scope,
         items,
-    }))
+    })
+}
+
+/// The usual token list, read in one pass without serde: `[`, strings without escapes
+/// separated by commas, `]`, JSON whitespace between. Each element as `(its text with the
+/// quotes, its value)`. `None` for anything else (an escape, a value that is not a string, a
+/// control character, a syntax error, no element, more than `max`): the general reader then
+/// reads the list, with its exact errors. What both accept they read the same (unit test).
+fn plain_token_list(list: &str, max: usize) -> Option<Vec<(&str, &str)>> {
+    let b = list.as_bytes();
+    let skip_ws = |mut i: usize| {
+        while b
+            .get(i)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            i += 1;
+        }
+        i
+    };
+    let mut i = skip_ws(0);
+    if b.get(i) != Some(&b'[') {
+        return None;
+    }
+    i = skip_ws(i + 1);
+    let mut out = Vec::with_capacity(max.min(b.len() / 3 + 1));
+    loop {
+        if b.get(i) != Some(&b'"') || out.len() == max {
+            return None;
+        }
+        let start = i;
+        let len = b[i + 1..]
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        let end = i + 1 + len;
+        if b[end] != b'"' {
+            return None;
+        }
+        // Quotes are ASCII, so these are char boundaries.
+        out.push((list.get(start..=end)?, list.get(start + 1..end)?));
+        i = skip_ws(end + 1);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(i + 1),
+            Some(b']') => break,
+            _ => return None,
+        }
+    }
+    (skip_ws(i + 1) == b.len()).then_some(out)
 }
 
 /// [`parse_query`] for callers that key every valid query, whatever the size of its unknown

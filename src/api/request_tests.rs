@@ -67,7 +67,7 @@ fn names_are_borrowed_unless_escaped() {
     assert!(matches!(names[1], Cow::Owned(n) if n == "ab"));
     assert!(matches!(names[2], Cow::Owned(n) if n == "a\"b"));
     assert_eq!(r.items[0].ident, r.items[1].ident);
-    assert_eq!(r.items[1].raw.get(), r#""a\u0062""#, "sent as written");
+    assert_eq!(r.items[1].raw, r#""a\u0062""#, "sent as written");
     let r = parse(r#"{"operator_type":1,"account_list":[{"account":"x\u0079"},{"account":"xy"}]}"#)
         .unwrap();
     assert_eq!(r.items[0].ident, r.items[1].ident);
@@ -208,5 +208,60 @@ fn validation_codes() {
             .class()
             .ret_code,
         1_008_001
+    );
+}
+
+/// The one-pass token list reader takes only plain lists, and reads them exactly as the
+/// general (serde) reader does: the same elements, texts and names.
+#[test]
+fn plain_token_lists_read_as_the_general_reader_reads_them() {
+    for list in [
+        r#"["a"]"#,
+        r#"["a","b","c"]"#,
+        " \t\n[ \"a\" ,\r\n\"b\"\t]\n ",
+        r#"["é","日本","a b","x,y]"]"#,
+        r#"["a","a"]"#,
+        "[\"\u{7f}\"]", // DEL is allowed unescaped in JSON (the identifier check refuses it)
+    ] {
+        let fast = plain_token_list(list, 10).unwrap_or_else(|| panic!("{list:?} is plain"));
+        let general: Vec<&RawValue> = serde_json::from_str(list).unwrap();
+        assert_eq!(fast.len(), general.len(), "{list:?}");
+        for ((raw, name), g) in fast.iter().zip(&general) {
+            assert_eq!(*raw, g.get(), "{list:?}");
+            assert_eq!(Some(Cow::Borrowed(*name)), json_str(g), "{list:?}");
+        }
+    }
+    for list in [
+        "[]",
+        r#"["a\"b"]"#,
+        r#"["a\\b"]"#,
+        r#"["a",1]"#,
+        r#"["a",]"#,
+        r#"["a""b"]"#,
+        r#"["a"] x"#,
+        r#"["a"]]"#,
+        r#"["a"#,
+        r#"{"a":1}"#,
+        "[\"a\u{1}\"]",
+        r#"["a",null]"#,
+        r#"["a","b","c","d"]"#, // more than the limit below
+    ] {
+        assert_eq!(plain_token_list(list, 3), None, "{list:?} is left to serde");
+    }
+    // Whatever reads it, a list gives the same answer to the same body.
+    let r = parse(r#"{"operator_type":2,"token_list":[ "t1" , "t2" ]}"#).unwrap();
+    assert_eq!(r.items[1].ident, Ident::Token("t2".into()));
+    assert_eq!(r.items[1].raw, r#""t2""#);
+    assert_eq!(
+        ret(r#"{"operator_type":2,"token_list":["ok",""]}"#),
+        1_008_007
+    );
+    assert_eq!(
+        ret("{\"operator_type\":2,\"token_list\":[\"a\u{7f}\"]}"),
+        1_008_007
+    );
+    assert_eq!(
+        ret(r#"{"operator_type":2,"token_list":["a","b","c","d","e","f"]}"#),
+        1_008_007
     );
 }

@@ -140,7 +140,6 @@ mod tests {
     use crate::api::request::Ident;
     use crate::cache::CacheKey;
     use crate::fetch::flights::Flights;
-    use serde_json::value::RawValue;
 
     fn ctx(fp: u8) -> Arc<RequestContext> {
         Arc::new(RequestContext {
@@ -168,10 +167,7 @@ mod tests {
                         extra: None,
                     },
                 );
-                (
-                    key,
-                    RawValue::from_string(format!("{{\"account\":{a:?}}}")).expect("JSON"),
-                )
+                (key, format!("{{\"account\":{a:?}}}").into_boxed_str())
             })
             .collect();
         f.register([fp; 32], items).1

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use serde_json::value::RawValue;
 use tokio::sync::watch;
 
 use super::FetchError;
@@ -49,12 +48,13 @@ fn lost() -> Arc<FetchError> {
     )))
 }
 
-/// A flight this request started: the identifier to fetch, as the client wrote it.
+/// A flight this request started: the identifier to fetch, as the client wrote it (its JSON
+/// text, valid: it was parsed).
 #[derive(Debug)]
 pub(crate) struct NewFlight {
     pub(crate) key: CacheKey,
     pub(crate) id: u64,
-    pub(crate) raw: Box<RawValue>,
+    pub(crate) raw: Box<str>,
     tx: watch::Sender<Slot>,
 }
 
@@ -84,7 +84,7 @@ impl Flights {
     pub(crate) fn register(
         &self,
         fingerprint: Fingerprint,
-        items: Vec<(CacheKey, Box<RawValue>)>,
+        items: Vec<(CacheKey, Box<str>)>,
     ) -> (Vec<(Waiter, bool)>, Vec<NewFlight>) {
         let mut waiters = Vec::with_capacity(items.len());
         let mut new = Vec::new();
@@ -170,15 +170,10 @@ mod tests {
         )
     }
 
-    fn items(tokens: &[&str]) -> Vec<(CacheKey, Box<RawValue>)> {
+    fn items(tokens: &[&str]) -> Vec<(CacheKey, Box<str>)> {
         tokens
             .iter()
-            .map(|t| {
-                (
-                    key(t),
-                    RawValue::from_string(format!("{t:?}")).expect("JSON"),
-                )
-            })
+            .map(|t| (key(t), format!("{t:?}").into_boxed_str()))
             .collect()
     }
 

@@ -132,7 +132,7 @@ impl Fetcher {
     pub(crate) fn fetch(
         &self,
         ctx: &Arc<RequestContext>,
-        items: Vec<(CacheKey, Box<RawValue>)>,
+        items: Vec<(CacheKey, Box<str>)>,
     ) -> Vec<(Waiter, bool)> {
         let (waiters, new) = self.flights.register(ctx.fingerprint, items);
         self.enqueue(ctx, new);
@@ -143,7 +143,7 @@ impl Fetcher {
     pub(crate) fn refresh(
         &self,
         ctx: &Arc<RequestContext>,
-        items: Vec<(CacheKey, Box<RawValue>)>,
+        items: Vec<(CacheKey, Box<str>)>,
     ) -> usize {
         let (_, new) = self.flights.register(ctx.fingerprint, items);
         let n = new.len();

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use http::header::{ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderValue};
-use serde_json::value::RawValue;
 
 use super::outcome::QueryOutcome;
 use super::Scope;
@@ -48,8 +47,8 @@ impl Plan<'_> {
     }
 
     /// The `i`th key with its element, for a fetch.
-    fn fetch_item(&self, i: usize) -> (CacheKey, Box<RawValue>) {
-        (self.key(i), self.items[i].raw.to_owned())
+    fn fetch_item(&self, i: usize) -> (CacheKey, Box<str>) {
+        (self.key(i), Box::from(self.items[i].raw))
     }
 }
 
