@@ -148,21 +148,32 @@ pub struct Limits {
 }
 
 /// Whether `body` nests arrays/objects deeper than `max` (strings are skipped, escapes
-/// included). Checked before parsing so deep input costs one linear scan, nothing more.
+/// included). Checked before parsing so deep input costs one linear scan, nothing more: a
+/// string's content is skipped with `memchr` (to its closing quote or an escape), so a body
+/// of identifiers costs a few vector compares per identifier, not a branch per byte.
 pub fn nesting_exceeds(body: &[u8], max: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // To the end of the string: the next quote not escaped.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                        None => return false, // unterminated: the parser refuses it
+                        Some(n) if body[i + n] == b'\\' => i += n + 2,
+                        Some(n) => {
+                            i += n + 1;
+                            break;
+                        }
+                    }
+                    if i >= body.len() {
+                        return false;
+                    }
+                }
+                continue;
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -172,6 +183,7 @@ pub fn nesting_exceeds(body: &[u8], max: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }

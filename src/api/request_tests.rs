@@ -17,6 +17,14 @@ fn nesting_is_measured_outside_strings() {
     assert!(!nesting_exceeds(br#"{"a":[[1]]}"#, 3));
     assert!(nesting_exceeds(br#"{"a":[[[1]]]}"#, 3));
     assert!(!nesting_exceeds(br#"{"a":"[[[[[[\"[[["}"#, 1));
+    // An escaped backslash ends its escape: the quote after it closes the string.
+    assert!(nesting_exceeds(br#"{"a":"x\\","b":[[1]]}"#, 2));
+    assert!(!nesting_exceeds(br#"{"a":"x\\\"[[[","b":[1]}"#, 2));
+    assert!(
+        !nesting_exceeds(br#"{"a":"[[[[\"#, 1),
+        "unterminated: left to the parser"
+    );
+    assert!(!nesting_exceeds(br#"{"a":"\"#, 1));
     let deep = format!(
         "{{\"operator_type\":2,\"token_list\":[\"a\"],\"x\":{}{}}}",
         "[".repeat(100_000),
