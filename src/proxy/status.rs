@@ -48,39 +48,65 @@ pub(crate) enum CacheStatus {
 }
 
 impl CacheStatus {
-    /// The parameters after `tpns-cache; `.
+    /// The parameters after `tpns-cache; ` (the docs' check lists them).
+    #[cfg(test)]
     pub(crate) fn params(&self) -> String {
-        let served = |s: &Served| {
-            let mut d = format!("hit {}/{}", s.from_cache, s.total);
+        let mut out = String::with_capacity(64);
+        self.write_params(&mut out);
+        out
+    }
+
+    /// Writes the parameters into `out` (one buffer for the whole header, no intermediate
+    /// strings: this runs for every response).
+    fn write_params(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let served = |out: &mut String, s: &Served| {
+            let _ = write!(out, "hit {}/{}", s.from_cache, s.total);
             if s.stale > 0 {
-                d.push_str(&format!(", stale {}", s.stale));
+                let _ = write!(out, ", stale {}", s.stale);
             }
             if s.upstream_unavailable {
-                d.push_str(", upstream unavailable");
+                out.push_str(", upstream unavailable");
             }
-            d
+            out.push('"');
         };
         match self {
-            CacheStatus::Hit(s) => format!("hit; detail=\"{}\"", served(s)),
-            CacheStatus::Partial(s) => format!("fwd=partial; detail=\"{}\"", served(s)),
-            CacheStatus::Miss(s) => format!("fwd=miss; detail=\"{}\"", served(s)),
-            CacheStatus::Unverified => {
-                "fwd=request; detail=\"credential not yet verified\"".to_owned()
+            CacheStatus::Hit(s) => {
+                out.push_str("hit; detail=\"");
+                served(out, s);
             }
-            CacheStatus::Refused => "hit; detail=\"credential refused\"".to_owned(),
-            CacheStatus::Bypass(reason) => format!("fwd=bypass; detail=\"{}\"", reason.as_str()),
-            CacheStatus::Forwarded => "fwd=bypass".to_owned(),
-            CacheStatus::Invalid(kind) => format!("fwd=bypass; detail=\"{kind}\""),
-            CacheStatus::UpstreamRefused => "fwd=miss; detail=\"upstream refused\"".to_owned(),
-            CacheStatus::UpstreamError => "fwd=miss; detail=\"upstream error\"".to_owned(),
-            CacheStatus::ForwardFailed => "fwd=bypass; detail=\"upstream error\"".to_owned(),
+            CacheStatus::Partial(s) => {
+                out.push_str("fwd=partial; detail=\"");
+                served(out, s);
+            }
+            CacheStatus::Miss(s) => {
+                out.push_str("fwd=miss; detail=\"");
+                served(out, s);
+            }
+            CacheStatus::Unverified => {
+                out.push_str("fwd=request; detail=\"credential not yet verified\"")
+            }
+            CacheStatus::Refused => out.push_str("hit; detail=\"credential refused\""),
+            CacheStatus::Bypass(reason) => {
+                let _ = write!(out, "fwd=bypass; detail=\"{}\"", reason.as_str());
+            }
+            CacheStatus::Forwarded => out.push_str("fwd=bypass"),
+            CacheStatus::Invalid(kind) => {
+                let _ = write!(out, "fwd=bypass; detail=\"{kind}\"");
+            }
+            CacheStatus::UpstreamRefused => out.push_str("fwd=miss; detail=\"upstream refused\""),
+            CacheStatus::UpstreamError => out.push_str("fwd=miss; detail=\"upstream error\""),
+            CacheStatus::ForwardFailed => out.push_str("fwd=bypass; detail=\"upstream error\""),
         }
     }
 
-    /// The header value: `tpns-cache; <params>`.
+    /// The header value: `tpns-cache; <params>`, built in one buffer that becomes the value.
     pub(crate) fn header(&self) -> HeaderValue {
-        HeaderValue::from_str(&format!("{CACHE_NAME}; {}", self.params()))
-            .unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
+        let mut out = String::with_capacity(64);
+        out.push_str(CACHE_NAME);
+        out.push_str("; ");
+        self.write_params(&mut out);
+        HeaderValue::try_from(out).unwrap_or_else(|_| HeaderValue::from_static(CACHE_NAME))
     }
 }
 
