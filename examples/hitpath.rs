@@ -1,7 +1,8 @@
 //! The cached-hit path in isolation: parse a request, digest each identifier (as the server
 //! plans it), look them up, stitch the answer; one thread, a store of N entries with ~150-byte
 //! elements, every request a batch of identifiers drawn at random (so nothing is repeated in a
-//! way a memo or a CPU cache could exploit). Prints nanoseconds per identifier. Also a loop for `perf record`.
+//! way a memo or a CPU cache could exploit). Prints nanoseconds per identifier. Also a loop for
+//! `perf record`.
 //!
 //! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--batch 100] [--seconds 5] [--cold] [--per-key]`
 //!
