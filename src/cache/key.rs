@@ -49,7 +49,8 @@ impl CacheKey {
         top_scope: Option<Arc<str>>,
         ident: Ident,
     ) -> CacheKey {
-        KeyPrefix::new(upstream, access_id, top_scope).into_key(ident)
+        let prefix = KeyPrefix::new(upstream, access_id, top_scope);
+        prefix.key_with_digest(prefix.digest(&ident), ident)
     }
 
     /// The keyed digest (what every map of keys hashes).
@@ -160,16 +161,6 @@ impl KeyPrefix {
             upstream: self.upstream.clone(),
             access_id: self.access_id.clone(),
             top_scope: self.top_scope.clone(),
-            ident,
-        }))
-    }
-
-    fn into_key(self, ident: Ident) -> CacheKey {
-        CacheKey(Arc::new(KeyData {
-            digest: digest(self.hasher, &ident),
-            upstream: self.upstream,
-            access_id: self.access_id,
-            top_scope: self.top_scope,
             ident,
         }))
     }
