@@ -9,12 +9,20 @@ use tokio::time::Instant;
 use crate::api::answer::{Answer, ElementCode};
 
 /// One cached answer.
+///
+/// Kept to 48 bytes, so with its `Arc`'s two counts it fills one 64-byte allocation, which the
+/// allocator (mimalloc, the binary's) hands out 64-byte aligned: everything a hit reads (code,
+/// element pointer, fresh end, the record count) is one cache line, one memory access.
+/// Measured with `examples/hitpath`: at 72 bytes (an 80-byte block, most straddling two lines)
+/// the second line was a second miss per identifier.
 #[derive(Debug)]
 pub struct Entry {
     pub answer: Answer,
-    /// End of the fresh period, on [`Clock`] time. The stale periods after it are the
-    /// policy's, the same for every entry, so they are not stored (see [`Policy::classify`]).
-    pub fresh_until: Instant,
+    /// End of the fresh period, on [`Clock`] time, as signed nanoseconds from [`base`] (8
+    /// bytes instead of an `Instant`'s 16; see [`Entry::fresh_until`]). The stale periods after
+    /// it are the policy's, the same for every entry, so they are not stored (see
+    /// [`Policy::classify`]).
+    fresh_until_ns: i64,
     /// How long moka keeps it (on moka's own clock), so memory is reclaimed: whole seconds,
     /// rounded up (see [`Entry::keep`]).
     keep_secs: u32,
@@ -23,7 +31,43 @@ pub struct Entry {
     pub(crate) recorded: AtomicU32,
 }
 
+const _: () = assert!(std::mem::size_of::<Entry>() <= 48);
+
+/// The instant entries' fresh ends are counted from: fixed for the process. Instants before it
+/// (a paused test clock can lag it) count negative, so every instant within ±292 years is kept
+/// exactly.
+fn base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn to_ns(t: Instant) -> i64 {
+    let base = base();
+    let clamp = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    if t >= base {
+        clamp(t - base)
+    } else {
+        -clamp(base - t)
+    }
+}
+
+fn from_ns(ns: i64) -> Instant {
+    let d = Duration::from_nanos(ns.unsigned_abs());
+    // Only instants [`to_ns`] was given come back here, so neither can fail in practice.
+    if ns >= 0 {
+        base().checked_add(d)
+    } else {
+        base().checked_sub(d)
+    }
+    .unwrap_or_else(base)
+}
+
 impl Entry {
+    /// End of the fresh period, on [`Clock`] time.
+    pub fn fresh_until(&self) -> Instant {
+        from_ns(self.fresh_until_ns)
+    }
+
     pub fn is_negative(&self) -> bool {
         matches!(self.answer.code, ElementCode::NotFound)
     }
@@ -130,7 +174,7 @@ impl Policy {
         let keep = fresh + self.keep_after_fresh();
         let entry = Arc::new(Entry {
             answer,
-            fresh_until: now + fresh,
+            fresh_until_ns: to_ns(now + fresh),
             keep_secs: u32::try_from(keep.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u32::MAX),
             recorded: AtomicU32::new(0),
         });
@@ -140,10 +184,11 @@ impl Policy {
     /// What `entry` is worth at `now`: fresh, within stale-while-revalidate, within
     /// stale-if-error, or past all of them.
     pub fn classify(&self, entry: Arc<Entry>, now: Instant) -> Lookup {
-        if now < entry.fresh_until {
+        let fresh_until = entry.fresh_until();
+        if now < fresh_until {
             return Lookup::Fresh(entry);
         }
-        let past = now.saturating_duration_since(entry.fresh_until);
+        let past = now.saturating_duration_since(fresh_until);
         if past < self.stale_while_revalidate {
             Lookup::Revalidate(entry)
         } else if past < self.keep_after_fresh() {
@@ -156,5 +201,28 @@ impl Policy {
     /// How long entries are kept after their fresh period (the longer stale window).
     pub fn keep_after_fresh(&self) -> Duration {
         self.stale_while_revalidate.max(self.stale_if_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 8-byte fresh end gives back exactly the instant it was given, before the base too
+    /// (a paused test clock can lag it).
+    #[test]
+    fn fresh_end_round_trips_exactly() {
+        let b = base();
+        let mut instants = vec![
+            b,
+            b + Duration::from_nanos(1),
+            b + Duration::from_secs(86_400 * 365),
+        ];
+        instants.extend(b.checked_sub(Duration::from_nanos(1)));
+        instants.extend(b.checked_sub(Duration::from_millis(1500)));
+        for t in instants {
+            assert_eq!(from_ns(to_ns(t)), t, "{t:?}");
+        }
+        assert!(to_ns(b + Duration::from_secs(1)) > to_ns(b));
     }
 }

@@ -94,9 +94,9 @@ async fn jitter_only_shortens_lifetimes_and_spreads_them() {
     let mut ends = Vec::new();
     for i in 0..50 {
         let e = s.put(key("a", &format!("t{i}")), ok()).await;
-        assert!(e.fresh_until <= now + Duration::from_secs(100));
-        assert!(e.fresh_until >= now + Duration::from_secs(50));
-        ends.push(e.fresh_until);
+        assert!(e.fresh_until() <= now + Duration::from_secs(100));
+        assert!(e.fresh_until() >= now + Duration::from_secs(50));
+        ends.push(e.fresh_until());
     }
     ends.sort();
     ends.dedup();
@@ -280,7 +280,7 @@ async fn promotions_from_before_a_write_are_not_stored() {
         .put_fresh_for_since(key("a", "t1"), ok(), Duration::from_secs(5), epoch)
         .await;
     assert!(!dropped);
-    assert!(e.fresh_until <= s.clock().now() + Duration::from_secs(5));
+    assert!(e.fresh_until() <= s.clock().now() + Duration::from_secs(5));
     assert!(matches!(s.get(&key("a", "t1")).await, Lookup::Fresh(_)));
 }
 
@@ -429,13 +429,13 @@ async fn stale_windows_end_exactly_where_the_policy_says() {
     let now = tokio::time::Instant::now();
     let (entry, cacheable) = policy.entry(ok(), now, None);
     assert!(cacheable);
-    assert_eq!(entry.fresh_until, now + Duration::from_millis(2300));
+    assert_eq!(entry.fresh_until(), now + Duration::from_millis(2300));
     assert_eq!(entry.keep(), Duration::from_secs(7), "6.5 s rounded up");
     let at = |ms: u64| policy.classify(entry.clone(), now + Duration::from_millis(ms));
     let nanos = Duration::from_nanos(1);
     assert!(matches!(at(0), Lookup::Fresh(_)));
     assert!(matches!(
-        policy.classify(entry.clone(), entry.fresh_until - nanos),
+        policy.classify(entry.clone(), entry.fresh_until() - nanos),
         Lookup::Fresh(_)
     ));
     assert!(matches!(at(2300), Lookup::Revalidate(_)));

@@ -232,7 +232,7 @@ impl SharedTier {
         let mut pipe = redis::pipe();
         let mut n = 0;
         for (key, entry) in entries {
-            let fresh = entry.fresh_until.saturating_duration_since(now);
+            let fresh = entry.fresh_until().saturating_duration_since(now);
             if fresh.is_zero() {
                 continue;
             }

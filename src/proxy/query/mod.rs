@@ -341,7 +341,7 @@ fn respond(
     };
     outcome.request = request;
     if let (Some(memo), true) = (&proxy.memo, all_fresh && outcome.memo_seen) {
-        if let Some(fresh_until) = entries.iter().map(|e| e.fresh_until).min() {
+        if let Some(fresh_until) = entries.iter().map(|e| e.fresh_until()).min() {
             memo.put(
                 scope.fingerprint,
                 body.clone(),
