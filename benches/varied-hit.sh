@@ -5,6 +5,8 @@
 # runtime worker per core like the proxy) answering a body of the same size to the same client.
 #
 #   bash benches/varied-hit.sh                 # IDS=100000 DURATION=15s CONN=32 BATCHES="20 100"
+#   MAX_BYTES=110MB bash benches/varied-hit.sh # the proxy's cache.max_bytes (default: its default,
+#                                              # 256 MiB, which 100 000 identifiers fill to ~38 %)
 #   PERF=1 bash benches/varied-hit.sh          # also perf-record the proxy during batch PERF_BATCH (100)
 #                                              # (PERF_ARGS="--call-graph dwarf" for Rust call stacks)
 #
@@ -41,7 +43,7 @@ wait_port "$SIM"
 env TPNS_CACHE_LISTEN="127.0.0.1:$PROXY" TPNS_CACHE_ADMIN_LISTEN="127.0.0.1:$ADMIN" \
   TPNS_CACHE_UPSTREAM__URL="http://127.0.0.1:$SIM" TPNS_CACHE_CACHE__TTL=1h \
   TPNS_CACHE_SHIELD__CALLS_PER_SECOND=100000 TPNS_CACHE_SHIELD__BURST=100000 \
-  TPNS_CACHE_LOG__LEVEL=warn \
+  TPNS_CACHE_LOG__LEVEL=warn ${MAX_BYTES:+TPNS_CACHE_CACHE__MAX_BYTES=$MAX_BYTES} \
   "$BIN" serve >"$OUT/proxy.log" 2>&1 &
 PROXY_PID=$!
 PIDS+=($PROXY_PID)
@@ -62,6 +64,10 @@ print(f"warm: {ids} identifiers cached")
 EOF
 
 metric() { curl -s "http://127.0.0.1:$ADMIN/metrics" | awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { printf "%d", s }'; }
+# How full the cache's byte budget is: from half of it on, moka is told of 1 hit in 16
+# (src/cache/local.rs); below, of none after an entry's first two.
+curl -s "http://127.0.0.1:$ADMIN/metrics" >/dev/null
+echo "cache: $(metric tpns_cache_weighted_bytes) bytes weighed, max_bytes ${MAX_BYTES:-default}"
 
 printf '\n%6s %14s %14s %7s %12s %12s %10s\n' batch "proxy req/s" "plain req/s" ratio "proxy p99" "plain p99" "ups. ids"
 for BATCH in $BATCHES; do

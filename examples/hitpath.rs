@@ -4,7 +4,11 @@
 //! way a memo or a CPU cache could exploit). Prints nanoseconds per identifier. Also a loop for
 //! `perf record`.
 //!
-//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--batch 100] [--seconds 5] [--cold] [--per-key]`
+//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--fill 0.4,0.95] [--batch 100] [--seconds 5] [--cold] [--per-key]`
+//!
+//! `--fill`: how full the store's byte budget is (its `max_bytes` set so the entries weigh that
+//! share of it). Below half, hits do not reach moka at all; from half on, one in
+//! `RECORD_EVERY` does (see `tpns_cache::cache::local`), so both are shown.
 //!
 //! Before timing, every entry is read as often as a long-running cache's entries have been
 //! (their first hits are all passed on to moka, see `tpns_cache::cache::RECORDED_IN_FULL`);
@@ -38,19 +42,41 @@ fn main() {
         .collect();
     let batch: usize = arg("--batch").and_then(|b| b.parse().ok()).unwrap_or(100);
     let seconds: u64 = arg("--seconds").and_then(|b| b.parse().ok()).unwrap_or(5);
+    let fills: Vec<f64> = arg("--fill")
+        .unwrap_or_else(|| "0.4,0.95".into())
+        .split(',')
+        .filter_map(|f| f.parse().ok())
+        .filter(|f| *f > 0.0 && *f <= 1.0)
+        .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     println!("batch {batch}, random identifiers per request, one thread");
-    println!("   entries   ns/identifier   requests/s");
-    for n in sizes {
-        let (per_id, rps) = rt.block_on(run(n, batch, Duration::from_secs(seconds)));
-        println!("{n:>10}   {per_id:>13.0}   {rps:>10.0}");
+    println!("   entries   budget full   hits to moka   ns/identifier   requests/s");
+    for &n in &sizes {
+        for &fill in &fills {
+            let (per_id, rps, sampled) =
+                rt.block_on(run(n, fill, batch, Duration::from_secs(seconds)));
+            let to_moka = if sampled { "sampled" } else { "none" };
+            println!(
+                "{n:>10}   {:>10.0} %   {to_moka:>12}   {per_id:>13.0}   {rps:>10.0}",
+                fill * 100.0
+            );
+        }
     }
 }
 
-async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
+/// An entry as the store below holds it, to size the budget (all of them weigh the same).
+fn element(i: usize) -> Box<RawValue> {
+    RawValue::from_string(format!(
+        r#"{{"token":"tok-{i:08}","account_list":[{{"account":"acct-{i:08}","account_type":0,"timestamp":1691656271}},{{"account":"acct-{:08}","account_type":1,"timestamp":1691656272}}]}}"#,
+        i / 2
+    ))
+    .expect("json")
+}
+
+async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f64, f64, bool) {
     let limits = Limits {
         max_items: 1000,
         max_identifier_bytes: 400,
@@ -58,21 +84,27 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
         max_fields: 64,
         max_scope_bytes: 4096,
     };
-    let store = Store::new(
-        u64::MAX / 4,
-        Policy::fresh_only(Duration::from_secs(3600), Duration::from_secs(3600)),
-        Clock::default(),
-    );
+    let policy = Policy::fresh_only(Duration::from_secs(3600), Duration::from_secs(3600));
     let upstream: Arc<str> = Arc::from("https://api.tpns.tencent.com");
     let app: Arc<str> = Arc::from("1500001048");
+    let one = {
+        let ident = tpns_cache::api::request::Ident::Token(format!("tok-{:08}", 0).into());
+        let key = CacheKey::new(upstream.clone(), app.clone(), None, ident);
+        let answer = Answer {
+            code: ElementCode::Ok,
+            element: Some(element(0)),
+        };
+        tpns_cache::cache::weigh(&key, &policy.entry(answer, Clock::default().now(), None).0)
+    };
+    let store = Store::new(
+        (f64::from(one) * entries as f64 / fill) as u64,
+        policy,
+        Clock::default(),
+    );
     for i in 0..entries {
         let ident = tpns_cache::api::request::Ident::Token(format!("tok-{i:08}").into());
         let key = CacheKey::new(upstream.clone(), app.clone(), None, ident);
-        let el = RawValue::from_string(format!(
-            r#"{{"token":"tok-{i:08}","account_list":[{{"account":"acct-{i:08}","account_type":0,"timestamp":1691656271}},{{"account":"acct-{:08}","account_type":1,"timestamp":1691656272}}]}}"#,
-            i / 2
-        ))
-        .expect("json");
+        let el = element(i);
         store
             .put(
                 key,
@@ -84,6 +116,7 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
             .await;
     }
     store.sync().await;
+    assert_eq!(store.entry_count(), entries as u64, "nothing evicted");
     if std::env::args().all(|a| a != "--cold") {
         // A long-running cache's entries have had their first hits, which moka sees in full
         // (see `RECORDED_IN_FULL`); a fresh store's have not. Not timed; `--cold` skips it.
@@ -150,5 +183,5 @@ async fn run(entries: usize, batch: usize, duration: Duration) -> (f64, f64) {
     let elapsed = started.elapsed().as_secs_f64();
     assert!(bytes > 0);
     let per_id = elapsed * 1e9 / (requests * batch) as f64;
-    (per_id, requests as f64 / elapsed)
+    (per_id, requests as f64 / elapsed, store.samples_hits())
 }

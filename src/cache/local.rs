@@ -4,14 +4,24 @@
 //!
 //! Reads go to the front map; moka is told of a read (a moka `get`, which feeds its frequency
 //! sketch and access order) for every miss, for the first [`RECORDED_IN_FULL`] hits on each
-//! entry, and for one in [`RECORD_EVERY`] hits after that. moka's admission and eviction
-//! compare how often the entry coming in (a miss, always counted) and the coldest entries were
-//! asked for, so the reads that decide between them, an entry's first few, all reach it; the
-//! repeated reads of warm and hot entries are sampled, and those are the reads that cost most
-//! (one moka read is ~1.4 µs at 100 000 entries) and tell moka least. Caffeine and moka
-//! themselves drop read records under load for the same reason. Measured with `loadgen
-//! --scenario zipf` (BENCHMARKS.md): sampling every hit 1 in 16 alone cost 3 points of hit
-//! ratio (0.893× Bélády); counting the first hits in full keeps it where moka alone was.
+//! entry, and, once the cache holds half its budget, for one in [`RECORD_EVERY`] hits after
+//! that. moka's admission and eviction compare how often the entry coming in (a miss, always
+//! counted) and the coldest entries were asked for, so the reads that decide between them, an
+//! entry's first few, all reach it; the repeated reads of warm and hot entries are sampled, and
+//! those are the reads that cost most (one moka read is ~1.4 µs at 100 000 entries) and tell
+//! moka least. Caffeine and moka themselves drop read records under load for the same reason.
+//! Measured with `loadgen --scenario zipf` (BENCHMARKS.md): sampling every hit 1 in 16 alone
+//! cost 3 points of hit ratio (0.893× Bélády); counting the first hits in full keeps it where
+//! moka alone was.
+//!
+//! Below half its budget the sampled hits are not sent at all: moka itself keeps no frequency
+//! sketch until a cache reaches half its capacity (`should_enable_frequency_sketch` in moka
+//! 0.12), and no admission or eviction is decided until it is full, so those reads would only
+//! reorder its access-order queue for a decision that is not near. From half the budget on, it
+//! takes at least as many bytes of new entries as the cache already holds before anything is
+//! evicted, and the sampled hits of that stretch are what moka decides with. A cache sized with
+//! room for its working set (the default 256 MiB holds ~270 000 identifiers of ~150-byte
+//! answers) serves its hits without touching moka at all.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -103,14 +113,18 @@ pub const RECORD_EVERY: u32 = 16;
 /// Hits of an entry that are all passed on to moka.
 pub const RECORDED_IN_FULL: u32 = 2;
 
-/// Whether moka should see this hit on `entry` (see the module's notes).
-fn record_hit(entry: &Entry) -> bool {
+/// Whether moka should see this hit on `entry`, when the sampled hits are being sent
+/// (`sampling`, see the module's notes).
+fn record_hit(entry: &Entry, sampling: bool) -> bool {
     // A plain load and store, no read-modify-write: readers racing may lose a count, which
     // only makes the sample a little sparser.
     let n = entry.recorded.load(Ordering::Relaxed);
     if n < RECORDED_IN_FULL {
         entry.recorded.store(n + 1, Ordering::Relaxed);
         return true;
+    }
+    if !sampling {
+        return false;
     }
     thread_local! {
         static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
@@ -129,6 +143,9 @@ pub struct Store {
     policy: Policy,
     clock: Clock,
     index: Arc<Index>,
+    /// From this weight on, sampled hits are sent to moka (half the budget: see the module's
+    /// notes).
+    sample_from: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -180,6 +197,7 @@ impl Store {
             policy,
             clock,
             index,
+            sample_from: max_bytes / 2,
         }
     }
 
@@ -206,29 +224,43 @@ impl Store {
     /// A lookup of the key with this digest as of `now` (one clock read serves a whole
     /// request). A digest is all a lookup needs (see [`CacheKey`]): hits build no key.
     pub fn read(&self, digest: u128, now: Instant) -> Lookup {
-        self.classify(digest, self.front.get(digest), now)
+        self.classify(digest, self.front.get(digest), now, self.samples_hits())
+    }
+
+    /// Whether sampled hits are sent to moka now: once the cache holds half its budget (see
+    /// the module's notes). One atomic load of moka's weighted size, current as of its last
+    /// housekeeping.
+    pub fn samples_hits(&self) -> bool {
+        self.cache.weighted_size() >= self.sample_from
     }
 
     /// [`Store::read`] for every key of a request, with the read map probed for all of them
     /// at once (see [`Front::get_many`]).
     pub fn read_many(&self, digests: &[u128], now: Instant) -> Vec<Lookup> {
         let entries = self.front.get_many(digests.iter().copied());
+        let sampling = self.samples_hits();
         digests
             .iter()
             .zip(entries)
-            .map(|(&digest, entry)| self.classify(digest, entry, now))
+            .map(|(&digest, entry)| self.classify(digest, entry, now, sampling))
             .collect()
     }
 
     /// What a read of the key with this digest that found `entry` in the read map means at
     /// `now`; tells moka of the read when it should see it (see the module's notes). moka is
     /// probed with the digest alone (a key hashes and compares as its digest).
-    fn classify(&self, digest: u128, entry: Option<Arc<Entry>>, now: Instant) -> Lookup {
+    fn classify(
+        &self,
+        digest: u128,
+        entry: Option<Arc<Entry>>,
+        now: Instant,
+        sampling: bool,
+    ) -> Lookup {
         let Some(entry) = entry else {
             let _ = self.cache.get(&digest); // moka counts every miss (see the module's notes)
             return Lookup::Miss;
         };
-        if record_hit(&entry) {
+        if record_hit(&entry, sampling) {
             let _ = self.cache.get(&digest);
         }
         if let ElementCode::Other(_) = entry.answer.code {

@@ -457,3 +457,53 @@ async fn stale_windows_end_exactly_where_the_policy_says() {
     ));
     assert_eq!(shared.keep(), Duration::from_secs(5), "4.3 s rounded up");
 }
+
+/// An entry's first hits always reach moka; after them, one in `RECORD_EVERY` does while the
+/// sampled hits are sent, and none does while they are not.
+#[test]
+fn first_hits_in_full_then_sampled_only_when_sampling() {
+    let policy = Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60));
+    let now = Instant::now();
+    let (quiet, _) = policy.entry(ok(), now, None);
+    for _ in 0..RECORDED_IN_FULL {
+        assert!(record_hit(&quiet, false));
+    }
+    assert!((0..1000).all(|_| !record_hit(&quiet, false)));
+
+    let (sampled, _) = policy.entry(ok(), now, None);
+    for _ in 0..RECORDED_IN_FULL {
+        assert!(record_hit(&sampled, true));
+    }
+    let n = RECORD_EVERY as usize * 100;
+    let sent = (0..n).filter(|_| record_hit(&sampled, true)).count();
+    assert_eq!(sent, 100, "one in {RECORD_EVERY} of {n} hits");
+}
+
+/// Sampled hits are sent from half the budget on (where moka starts its frequency sketch).
+#[tokio::test]
+async fn sampled_hits_start_at_half_the_budget() {
+    let one = weigh(
+        &key("a", "t-000"),
+        &Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60))
+            .entry(ok(), Instant::now(), None)
+            .0,
+    ) as u64;
+    let s = Store::new(
+        100 * one,
+        Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60)),
+        Clock::default(),
+    );
+    assert!(!s.samples_hits());
+    for i in 0..45 {
+        s.put(key("a", &format!("t-{i:03}")), ok()).await;
+    }
+    s.sync().await;
+    assert_eq!(s.entry_count(), 45);
+    assert!(!s.samples_hits(), "45% of the budget");
+    for i in 45..55 {
+        s.put(key("a", &format!("t-{i:03}")), ok()).await;
+    }
+    s.sync().await;
+    assert_eq!(s.entry_count(), 55);
+    assert!(s.samples_hits(), "55% of the budget");
+}
