@@ -46,7 +46,7 @@ fn parse_and_key(c: &mut Criterion) {
                 // As the server plans a request: one digest per identifier (see `Plan`).
                 let req = parse_request(black_box(b.as_bytes()), &LIMITS).expect("valid");
                 let scope: Option<Arc<str>> = req.top_scope.as_deref().map(Arc::from);
-                let prefix = KeyPrefix::new(upstream.clone(), app.clone(), scope);
+                let prefix = KeyPrefix::new(&upstream, app.clone(), scope);
                 let digests: Vec<u128> =
                     req.items.iter().map(|i| prefix.digest(&i.ident)).collect();
                 black_box(digests)

@@ -121,7 +121,7 @@ async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f6
         // A long-running cache's entries have had their first hits, which moka sees in full
         // (see `RECORDED_IN_FULL`); a fresh store's have not. Not timed; `--cold` skips it.
         let now = store.clock().now();
-        let prefix = KeyPrefix::new(upstream.clone(), app.clone(), None);
+        let prefix = KeyPrefix::new(&upstream, app.clone(), None);
         for i in 0..entries {
             let ident = tpns_cache::api::request::Ident::Token(format!("tok-{i:08}"));
             let digest = prefix.digest(&ident);
@@ -156,7 +156,7 @@ async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f6
             let now = store.clock().now();
             let op = req.op;
             // As the server does: a digest per identifier (no key built for a hit).
-            let prefix = KeyPrefix::new(upstream.clone(), app.clone(), None);
+            let prefix = KeyPrefix::new(&upstream, app.clone(), None);
             let digests: Vec<u128> = req
                 .items
                 .iter()

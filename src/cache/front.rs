@@ -31,19 +31,44 @@ impl Hasher for DigestHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u128` is used; fold anything else in for safety.
+        // Only `write_u64` is used; fold anything else in for safety.
         for b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64; // the low half: the shard index uses the high bits
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// A key's digest as two words: a `u128` is 16-byte aligned, which pads a table slot with its
+/// `Arc` to 32 bytes; two `u64`s make it 24 (~17 bytes less per entry at this table's load).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    lo: u64,
+    hi: u64,
+}
+
+impl From<u128> for Slot {
+    fn from(d: u128) -> Slot {
+        Slot {
+            lo: d as u64,
+            hi: (d >> 64) as u64,
+        }
+    }
+}
+
+impl std::hash::Hash for Slot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.lo); // the low half: the shard index uses the high bits
     }
 }
 
 /// Keyed by the key's digest (see [`super::CacheKey`]): a probe compares 16 bytes in the slot
 /// itself and follows no pointer until it has found the entry.
-type Shard = RwLock<std::collections::HashMap<u128, Arc<Entry>, BuildHasherDefault<DigestHasher>>>;
+type Shard = RwLock<std::collections::HashMap<Slot, Arc<Entry>, BuildHasherDefault<DigestHasher>>>;
+
+const _: () = assert!(std::mem::size_of::<(Slot, Arc<Entry>)>() == 24);
 
 pub(crate) struct Front {
     shards: Box<[Shard]>,
@@ -95,7 +120,11 @@ impl Front {
         let guards: [Option<_>; SHARDS] =
             std::array::from_fn(|i| wanted[i].then(|| self.shards[i].read()));
         let found: Vec<Option<&Arc<Entry>>> = digests
-            .map(|d| guards[shard_of(d)].as_ref().and_then(|g| g.get(&d)))
+            .map(|d| {
+                guards[shard_of(d)]
+                    .as_ref()
+                    .and_then(|g| g.get(&Slot::from(d)))
+            })
             .collect();
         // Touch each entry, then each element: independent loads, so their misses overlap.
         let mut touched = 0usize;
@@ -117,24 +146,25 @@ impl Front {
 
     /// The entry stored under the key with this digest, if any.
     pub(crate) fn get(&self, digest: u128) -> Option<Arc<Entry>> {
-        self.shard(digest).read().get(&digest).cloned()
+        self.shard(digest).read().get(&Slot::from(digest)).cloned()
     }
 
     pub(crate) fn insert(&self, digest: u128, entry: Arc<Entry>) {
-        self.shard(digest).write().insert(digest, entry);
+        self.shard(digest).write().insert(Slot::from(digest), entry);
     }
 
     /// Removes the key's entry if it is still `entry` (moka's removal notices).
     pub(crate) fn remove_if_same(&self, digest: u128, entry: &Arc<Entry>) {
         let mut shard = self.shard(digest).write();
-        if shard.get(&digest).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-            shard.remove(&digest);
+        let slot = Slot::from(digest);
+        if shard.get(&slot).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            shard.remove(&slot);
         }
     }
 
     /// Removes whatever the key holds (invalidation).
     pub(crate) fn remove(&self, digest: u128) {
-        self.shard(digest).write().remove(&digest);
+        self.shard(digest).write().remove(&Slot::from(digest));
     }
 
     #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The cache key, and the name it has in the fleet's shared tier.
 //!
-//! Cache-safety invariant (enforced by [`CacheKey`]'s fields, which are all compared): a key
-//! always carries the upstream, the AccessID, every top-level request field other than the list
+//! Cache-safety invariant (enforced by [`CacheKey`]'s digest, which is all that is compared): a
+//! key always covers the upstream, the AccessID, every top-level request field other than the list
 //! (canonicalized, so `account_type` absent ≠ `0`), and the identifier with every element-level
 //! field (the element's own `account_type`, any unknown element fields). `operator_type` is
 //! carried by the identifier's variant. Nothing cached for one app can be found under another's.
@@ -30,10 +30,11 @@ pub struct CacheKey(Arc<KeyData>);
 
 #[derive(Debug)]
 pub struct KeyData {
-    /// Keyed digest of every field below (see [`CacheKey`]).
+    /// Keyed digest of every field below and of the upstream base URL (access points are
+    /// isolated from each other; see [`CacheKey`]). The upstream itself is not kept: it is the
+    /// process's one configured upstream, which nothing reads back from a key (the shared tier
+    /// names it by its key prefix), and leaving it out makes a key's block 112 bytes, not 128.
     pub digest: u128,
-    /// The upstream base URL (access points are isolated from each other).
-    pub upstream: Arc<str>,
     /// The app (Basic user / AccessId).
     pub access_id: Arc<str>,
     /// Canonical top-level fields other than `operator_type` and the list (see
@@ -49,7 +50,7 @@ impl CacheKey {
         top_scope: Option<Arc<str>>,
         ident: Ident,
     ) -> CacheKey {
-        let prefix = KeyPrefix::new(upstream, access_id, top_scope);
+        let prefix = KeyPrefix::new(&upstream, access_id, top_scope);
         prefix.key_with_digest(prefix.digest(&ident), ident)
     }
 
@@ -102,11 +103,11 @@ fn digest_key() -> &'static (u64, u64) {
     })
 }
 
-/// What the keys of one request share (upstream, app, top-level scope), with the digest's
-/// state after those fields, so each identifier's digest only hashes the identifier.
+/// What the keys of one request share (app, top-level scope; the upstream is hashed, not
+/// kept), with the digest's state after those fields, so each identifier's digest only hashes
+/// the identifier.
 #[derive(Clone)]
 pub struct KeyPrefix {
-    upstream: Arc<str>,
     access_id: Arc<str>,
     top_scope: Option<Arc<str>>,
     hasher: siphasher::sip128::SipHasher13,
@@ -115,7 +116,7 @@ pub struct KeyPrefix {
 impl std::fmt::Debug for KeyPrefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyPrefix")
-            .field("upstream", &self.upstream)
+            .field("access_id", &self.access_id)
             .finish_non_exhaustive()
     }
 }
@@ -127,7 +128,7 @@ fn field(h: &mut siphasher::sip128::SipHasher13, bytes: &[u8]) {
 }
 
 impl KeyPrefix {
-    pub fn new(upstream: Arc<str>, access_id: Arc<str>, top_scope: Option<Arc<str>>) -> KeyPrefix {
+    pub fn new(upstream: &str, access_id: Arc<str>, top_scope: Option<Arc<str>>) -> KeyPrefix {
         use std::hash::Hasher as _;
         let (k0, k1) = *digest_key();
         // Length-prefixed fields, so no two different keys feed the same bytes.
@@ -139,7 +140,6 @@ impl KeyPrefix {
             None => hasher.write_u8(0xff),
         }
         KeyPrefix {
-            upstream,
             access_id,
             top_scope,
             hasher,
@@ -158,7 +158,6 @@ impl KeyPrefix {
         debug_assert_eq!(digest, self.digest(&ident));
         CacheKey(Arc::new(KeyData {
             digest,
-            upstream: self.upstream.clone(),
             access_id: self.access_id.clone(),
             top_scope: self.top_scope.clone(),
             ident,
@@ -312,8 +311,7 @@ mod tests {
         let h = foldhash::fast::RandomState::default();
         for k in variants() {
             assert_eq!(h.hash_one(&k), h.hash_one(k.digest()));
-            let prefix =
-                KeyPrefix::new(k.upstream.clone(), k.access_id.clone(), k.top_scope.clone());
+            let prefix = KeyPrefix::new("http://u", k.access_id.clone(), k.top_scope.clone());
             let borrowed: Ident<std::borrow::Cow<'_, str>> = match &k.ident {
                 Ident::Token(t) => Ident::Token(std::borrow::Cow::Borrowed(&**t)),
                 Ident::Account {
@@ -369,7 +367,7 @@ mod tests {
         ]);
         let digests: std::collections::HashSet<u128> = keys.iter().map(CacheKey::digest).collect();
         assert_eq!(digests.len(), keys.len());
-        let prefix = KeyPrefix::new(Arc::from("http://u"), Arc::from("app"), None);
+        let prefix = KeyPrefix::new("http://u", Arc::from("app"), None);
         let key = |ident: Ident| prefix.key_with_digest(prefix.digest(&ident), ident);
         assert_eq!(key(Ident::Token("a".into())), keys[0]);
         assert_eq!(key(acct(Some(1), None)), keys[5]);

@@ -64,7 +64,7 @@ const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
 /// moka's own bookkeeping per entry (~330 B with per-entry expiry, `memprobe moka`),
 /// the read map's slot with its table's slack, and the allocator's rounding (mimalloc, the
 /// binary's allocator): calibrated with `examples/memprobe.rs` at 1 000 000 entries.
-const MOKA_BYTES_PER_ENTRY: usize = 500;
+const MOKA_BYTES_PER_ENTRY: usize = 484;
 
 /// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
 /// AccessID and the top-level scope are shared by the keys of one request, but each entry is

@@ -72,11 +72,7 @@ pub(super) fn plan<'a>(
     let mut seen: HashMap<u128, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(requested.len(), foldhash::fast::RandomState::default());
     // What the keys share is hashed once.
-    let prefix = KeyPrefix::new(
-        proxy.upstream_id.clone(),
-        scope.app.clone(),
-        top_scope.clone(),
-    );
+    let prefix = KeyPrefix::new(&proxy.upstream_id, scope.app.clone(), top_scope.clone());
     for item in requested {
         let digest = prefix.digest(&item.ident);
         let idx = *seen.entry(digest).or_insert_with(|| {
