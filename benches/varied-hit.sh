@@ -69,7 +69,10 @@ metric() { curl -s "http://127.0.0.1:$ADMIN/metrics" | awk -v m="$1" 'index($0, 
 curl -s "http://127.0.0.1:$ADMIN/metrics" >/dev/null
 echo "cache: $(metric tpns_cache_weighted_bytes) bytes weighed, max_bytes ${MAX_BYTES:-default}"
 
-printf '\n%6s %14s %14s %7s %12s %12s %10s\n' batch "proxy req/s" "plain req/s" ratio "proxy p99" "plain p99" "ups. ids"
+# CPU time (user + system) a process has used, in microseconds.
+cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000000 / hz }' "/proc/$1/stat"; }
+
+printf '\n%6s %14s %14s %7s %12s %12s %13s %13s %10s\n' batch "proxy req/s" "plain req/s" ratio "proxy p99" "plain p99" "proxy CPU/req" "plain CPU/req" "ups. ids"
 for BATCH in $BATCHES; do
   export BATCH
   # One answer's size, for the plain server.
@@ -94,18 +97,25 @@ EOF
     perf record -F 499 ${PERF_ARGS:--g} -p "$PROXY_PID" -o "$OUT/perf-$BATCH.data" -- sleep 10 >/dev/null 2>&1 &
     PERF_PID=$!
   fi
+  cpu0=$(cpu_us "$PROXY_PID")
   wrk -t1 -c"$CONN" -d"$DURATION" --latency -s benches/varied-hit.lua "http://127.0.0.1:$PROXY" >"$OUT/wrk-proxy-$BATCH.txt"
+  cpu1=$(cpu_us "$PROXY_PID")
   [[ -n ${PERF_PID:-} ]] && { wait "$PERF_PID" || true; unset PERF_PID; }
   after=$(metric 'tpns_cache_upstream_identifiers_total')
+  pcpu0=$(cpu_us "$PLAIN_PID")
   wrk -t1 -c"$CONN" -d"$DURATION" --latency -s benches/varied-hit.lua "http://127.0.0.1:$PLAIN" >"$OUT/wrk-plain-$BATCH.txt"
+  pcpu1=$(cpu_us "$PLAIN_PID")
   kill "$PLAIN_PID" 2>/dev/null || true
   rps() { awk '/Requests\/sec/ { print $2 }' "$1"; }
   p99() { awk '$1 == "99%" { print $2 }' "$1"; }
+  reqs() { awk '/requests in/ { print $1 }' "$1"; }
   P=$(rps "$OUT/wrk-proxy-$BATCH.txt"); B=$(rps "$OUT/wrk-plain-$BATCH.txt")
-  printf '%6s %14.0f %14.0f %7.2f %12s %12s %10d\n' "$BATCH" "$P" "$B" "$(awk -v p="$P" -v b="$B" 'BEGIN { print p / b }')" \
-    "$(p99 "$OUT/wrk-proxy-$BATCH.txt")" "$(p99 "$OUT/wrk-plain-$BATCH.txt")" $((after - before))
+  PC=$(awk -v c=$((cpu1 - cpu0)) -v n="$(reqs "$OUT/wrk-proxy-$BATCH.txt")" 'BEGIN { printf "%.1fus", c / n }')
+  BC=$(awk -v c=$((pcpu1 - pcpu0)) -v n="$(reqs "$OUT/wrk-plain-$BATCH.txt")" 'BEGIN { printf "%.1fus", c / n }')
+  printf '%6s %14.0f %14.0f %7.2f %12s %12s %13s %13s %10d\n' "$BATCH" "$P" "$B" "$(awk -v p="$P" -v b="$B" 'BEGIN { print p / b }')" \
+    "$(p99 "$OUT/wrk-proxy-$BATCH.txt")" "$(p99 "$OUT/wrk-plain-$BATCH.txt")" "$PC" "$BC" $((after - before))
 done
 echo
-echo "(wrk -t1 -c$CONN -d$DURATION, $IDS identifiers cached, answers of the same size from both; ups. ids: identifiers the proxy sent upstream during its run, 0 when every lookup hit)"
+echo "(wrk -t1 -c$CONN -d$DURATION, $IDS identifiers cached, answers of the same size from both; CPU/req: user + system CPU time of the server process per request served; ups. ids: identifiers the proxy sent upstream during its run, 0 when every lookup hit)"
 [[ ${PERF:-0} == 1 ]] && echo "profile: perf report -i $OUT/perf-${PERF_BATCH:-100}.data --no-children --percent-limit 1.5"
 exit 0

@@ -15,11 +15,12 @@
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 
 use super::entry::Entry;
 
-/// Shards: enough that concurrent readers and a writer rarely meet.
+/// Shards: enough that concurrent readers and a writer rarely meet (64: one bit each in a
+/// `u64`, see [`Front::get_many`]).
 const SHARDS: usize = 64;
 
 /// The digest is already uniformly random (a keyed SipHash): use its bits as they are.
@@ -66,7 +67,29 @@ impl std::hash::Hash for Slot {
 
 /// Keyed by the key's digest (see [`super::CacheKey`]): a probe compares 16 bytes in the slot
 /// itself and follows no pointer until it has found the entry.
-type Shard = RwLock<std::collections::HashMap<Slot, Arc<Entry>, BuildHasherDefault<DigestHasher>>>;
+type Map = std::collections::HashMap<Slot, Arc<Entry>, BuildHasherDefault<DigestHasher>>;
+
+/// One shard: a reader-sharded lock, so the runtime's worker threads reading at once each
+/// take a lock word of their own instead of passing one cache line between cores on every
+/// read (a writer takes them all: writes are the misses, far fewer). A writer that panicked
+/// leaves the map as it was before or after its one insert or removal, so a poisoned lock is
+/// used as it is.
+struct Shard(ShardedLock<Map>);
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard(ShardedLock::new(Map::default()))
+    }
+}
+
+impl Shard {
+    fn read(&self) -> ShardedLockReadGuard<'_, Map> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn write(&self) -> ShardedLockWriteGuard<'_, Map> {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 const _: () = assert!(std::mem::size_of::<(Slot, Arc<Entry>)>() == 24);
 
@@ -83,7 +106,7 @@ impl std::fmt::Debug for Front {
 impl Default for Front {
     fn default() -> Front {
         Front {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
         }
     }
 }
@@ -113,17 +136,22 @@ impl Front {
         &self,
         digests: impl Iterator<Item = u128> + Clone,
     ) -> Vec<Option<Arc<Entry>>> {
-        let mut wanted = [false; SHARDS];
+        // The shards wanted, as one bit each; locked in ascending order, and a shard's guard
+        // found by counting the wanted shards below it (no table of all 64 to fill and drop).
+        let mut wanted = 0u64;
         for d in digests.clone() {
-            wanted[shard_of(d)] = true;
+            wanted |= 1 << shard_of(d);
         }
-        let guards: [Option<_>; SHARDS] =
-            std::array::from_fn(|i| wanted[i].then(|| self.shards[i].read()));
+        let mut guards = Vec::with_capacity(wanted.count_ones() as usize);
+        let mut bits = wanted;
+        while bits != 0 {
+            guards.push(self.shards[bits.trailing_zeros() as usize].read());
+            bits &= bits - 1;
+        }
         let found: Vec<Option<&Arc<Entry>>> = digests
             .map(|d| {
-                guards[shard_of(d)]
-                    .as_ref()
-                    .and_then(|g| g.get(&Slot::from(d)))
+                let below = wanted & ((1u64 << shard_of(d)) - 1);
+                guards[below.count_ones() as usize].get(&Slot::from(d))
             })
             .collect();
         // Touch each entry, then each element: independent loads, so their misses overlap.
