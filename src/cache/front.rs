@@ -84,10 +84,14 @@ impl Default for Shard {
 
 impl Shard {
     fn read(&self) -> ShardedLockReadGuard<'_, Map> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
     fn write(&self) -> ShardedLockWriteGuard<'_, Map> {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
