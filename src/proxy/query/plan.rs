@@ -1,7 +1,6 @@
 //! The middle phases of a query: the plan (one cache key per distinct identifier), the lookup
 //! over both tiers, and the fetch of what is missing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -69,13 +68,13 @@ pub(super) fn plan<'a>(
     let mut items: Vec<Item<'a>> = Vec::with_capacity(requested.len());
     let mut positions: Vec<usize> = Vec::with_capacity(requested.len());
     // Keys are equal exactly when their digests are (see `CacheKey`).
-    let mut seen: HashMap<u128, usize, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(requested.len(), foldhash::fast::RandomState::default());
+    let mut seen = Distinct::with_capacity(requested.len());
     // What the keys share is hashed once.
     let prefix = KeyPrefix::new(&proxy.upstream_id, scope.app.clone(), top_scope.clone());
     for item in requested {
         let digest = prefix.digest(&item.ident);
-        let idx = *seen.entry(digest).or_insert_with(|| {
+        let idx = seen.index_of(digest, &digests).unwrap_or_else(|| {
+            seen.insert(digest, digests.len());
             digests.push(digest);
             items.push(item);
             digests.len() - 1
@@ -103,6 +102,51 @@ pub(super) fn plan<'a>(
         positions,
         trusted: proxy.trust.is_accepted(&scope.fingerprint),
         epoch,
+    }
+}
+
+/// The distinct digests of one request so far: an open-addressing table of positions into
+/// the plan's `digests`, probed by the digest's own low bits (a keyed SipHash output, so
+/// uniformly spread and not steerable by a client). At most half full, so a probe ends after
+/// about one slot; its size is bounded by `limits.max_items`. Cheaper than a `HashMap`, which
+/// hashes the digest again and stores it twice.
+struct Distinct {
+    /// Position + 1 in `digests`; 0 is an empty slot.
+    slots: Vec<u32>,
+}
+
+impl Distinct {
+    fn with_capacity(n: usize) -> Distinct {
+        Distinct {
+            slots: vec![0; (2 * n).next_power_of_two().max(2)],
+        }
+    }
+
+    fn start(&self, digest: u128) -> usize {
+        (digest as usize) & (self.slots.len() - 1)
+    }
+
+    /// Where `digest` sits in `digests`, if it is there already.
+    fn index_of(&self, digest: u128, digests: &[u128]) -> Option<usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.start(digest);
+        loop {
+            match self.slots[i] {
+                0 => return None,
+                p if digests[p as usize - 1] == digest => return Some(p as usize - 1),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// Records that `digest` is at `position` (not there yet: see [`Distinct::index_of`]).
+    fn insert(&mut self, digest: u128, position: usize) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.start(digest);
+        while self.slots[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = u32::try_from(position + 1).unwrap_or(u32::MAX);
     }
 }
 
@@ -264,4 +308,40 @@ pub(super) async fn fetch<'a>(
         plan,
         entries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Distinct;
+
+    /// Every digest is found where it was put, and only there, including digests that share
+    /// their low bits (so probes run past each other) and a full-size batch.
+    #[test]
+    fn distinct_finds_exactly_what_was_put() {
+        for n in [1usize, 2, 3, 20, 100, 1000] {
+            let mut seen = Distinct::with_capacity(n);
+            let mut digests: Vec<u128> = Vec::new();
+            // Half the digests collide in their low 64 bits with another one.
+            let all: Vec<u128> = (0..n as u128)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        i << 64 | 7
+                    } else {
+                        i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    }
+                })
+                .collect();
+            for (k, &d) in all.iter().enumerate() {
+                assert_eq!(seen.index_of(d, &digests), None);
+                seen.insert(d, digests.len());
+                digests.push(d);
+                assert_eq!(seen.index_of(d, &digests), Some(k));
+            }
+            for (k, &d) in all.iter().enumerate() {
+                assert_eq!(seen.index_of(d, &digests), Some(k), "n {n}");
+            }
+            assert_eq!(seen.index_of(u128::MAX, &digests), None);
+            assert!(seen.slots.iter().filter(|&&s| s != 0).count() == n);
+        }
+    }
 }
