@@ -73,8 +73,7 @@ pub(super) fn plan<'a>(
     let prefix = KeyPrefix::new(&proxy.upstream_id, scope.app.clone(), top_scope.clone());
     for item in requested {
         let digest = prefix.digest(&item.ident);
-        let idx = seen.index_of(digest, &digests).unwrap_or_else(|| {
-            seen.insert(digest, digests.len());
+        let idx = seen.find_or_insert(digest, &digests).unwrap_or_else(|| {
             digests.push(digest);
             items.push(item);
             digests.len() - 1
@@ -122,31 +121,21 @@ impl Distinct {
         }
     }
 
-    fn start(&self, digest: u128) -> usize {
-        (digest as usize) & (self.slots.len() - 1)
-    }
-
-    /// Where `digest` sits in `digests`, if it is there already.
-    fn index_of(&self, digest: u128, digests: &[u128]) -> Option<usize> {
+    /// Where `digest` sits in `digests`, if it is there already; if not, it is recorded as
+    /// going next (at `digests.len()`), where the caller then pushes it. One probe either way.
+    fn find_or_insert(&mut self, digest: u128, digests: &[u128]) -> Option<usize> {
         let mask = self.slots.len() - 1;
-        let mut i = self.start(digest);
+        let mut i = (digest as usize) & mask;
         loop {
             match self.slots[i] {
-                0 => return None,
+                0 => {
+                    self.slots[i] = u32::try_from(digests.len() + 1).unwrap_or(u32::MAX);
+                    return None;
+                }
                 p if digests[p as usize - 1] == digest => return Some(p as usize - 1),
                 _ => i = (i + 1) & mask,
             }
         }
-    }
-
-    /// Records that `digest` is at `position` (not there yet: see [`Distinct::index_of`]).
-    fn insert(&mut self, digest: u128, position: usize) {
-        let mask = self.slots.len() - 1;
-        let mut i = self.start(digest);
-        while self.slots[i] != 0 {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = u32::try_from(position + 1).unwrap_or(u32::MAX);
     }
 }
 
@@ -332,16 +321,15 @@ mod tests {
                 })
                 .collect();
             for (k, &d) in all.iter().enumerate() {
-                assert_eq!(seen.index_of(d, &digests), None);
-                seen.insert(d, digests.len());
+                assert_eq!(seen.find_or_insert(d, &digests), None);
                 digests.push(d);
-                assert_eq!(seen.index_of(d, &digests), Some(k));
+                assert_eq!(seen.find_or_insert(d, &digests), Some(k));
             }
             for (k, &d) in all.iter().enumerate() {
-                assert_eq!(seen.index_of(d, &digests), Some(k), "n {n}");
+                assert_eq!(seen.find_or_insert(d, &digests), Some(k), "n {n}");
             }
-            assert_eq!(seen.index_of(u128::MAX, &digests), None);
             assert!(seen.slots.iter().filter(|&&s| s != 0).count() == n);
+            assert_eq!(seen.find_or_insert(u128::MAX, &digests), None);
         }
     }
 }
