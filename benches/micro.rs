@@ -107,10 +107,9 @@ fn stitch_cached(c: &mut Criterion) {
                             _ => unreachable!("warmed"),
                         }
                     }
-                    let answers: Vec<&Answer> = entries.iter().map(|e| &e.answer).collect();
                     let code =
-                        top_level_code(answers.iter().map(|a| &a.code), 1_008_026, 1_008_027);
-                    black_box(stitch(req.op, code, answers.iter().copied()))
+                        top_level_code(entries.iter().map(|e| e.code()), 1_008_026, 1_008_027);
+                    black_box(stitch(req.op, code, entries.iter()))
                 })
             })
         });

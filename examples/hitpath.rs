@@ -167,16 +167,15 @@ async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f6
             } else {
                 store.read_many(&digests, now)
             };
-            let found: Vec<Arc<tpns_cache::cache::Entry>> = lookups
+            let found: Vec<tpns_cache::cache::Entry> = lookups
                 .into_iter()
                 .map(|l| match l {
                     Lookup::Fresh(e) => e,
                     other => panic!("not a hit: {other:?}"),
                 })
                 .collect();
-            let answers: Vec<&Answer> = found.iter().map(|e| &e.answer).collect();
-            let code = top_level_code(answers.iter().map(|a| &a.code), 1_008_026, 1_008_027);
-            bytes += stitch(op, code, answers.iter().copied()).len();
+            let code = top_level_code(found.iter().map(|e| e.code()), 1_008_026, 1_008_027);
+            bytes += stitch(op, code, found.iter()).len();
             requests += 1;
         }
     }

@@ -543,7 +543,7 @@ fn entry_weight() -> u64 {
             json!({"token": token_name(123_456), "account_list": [{"account": "acct-00123456", "account_type": 0, "timestamp": 1_691_656_271}]}).to_string(),
         )
         .expect("json");
-        let entry: Arc<Entry> = store
+        let entry: Entry = store
             .put(key.clone(), Answer { code: ElementCode::Ok, element: Some(element) })
             .await;
         u64::from(weigh(&key, &entry))

@@ -24,12 +24,12 @@ pub fn build_upstream_body<'a>(
     let _ = write!(out, "{{\"operator_type\":{}", op.operator_type());
     for (k, v) in top_fields {
         out.push(',');
-        push_json_str(&mut out, k);
+        push_json_string(&mut out, k);
         out.push(':');
         out.push_str(v.get());
     }
     out.push(',');
-    push_json_str(&mut out, op.list_field());
+    push_json_string(&mut out, op.list_field());
     out.push_str(":[");
     for (i, el) in elements.enumerate() {
         if i > 0 {
@@ -44,8 +44,20 @@ pub fn build_upstream_body<'a>(
 /// `s` as a JSON string, exactly as serde_json writes it. Only `"`, `\` and control characters
 /// need escaping; without them (every element code, almost every key) the text goes in as it
 /// is, with no allocation (this runs once per identifier in [`stitch`]).
-fn push_json_str(out: &mut String, s: &str) {
-    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if plain_json_str(s) {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
+    // Serializing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// [`push_json_str`] onto a `String`.
+fn push_json_string(out: &mut String, s: &str) {
+    if plain_json_str(s) {
         out.push('"');
         out.push_str(s);
         out.push('"');
@@ -53,6 +65,11 @@ fn push_json_str(out: &mut String, s: &str) {
     }
     // Serializing a &str cannot fail.
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
+}
+
+/// Whether `s` goes into JSON as it is, between quotes: no `"`, `\` or control character.
+fn plain_json_str(s: &str) -> bool {
+    !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
 }
 
 /// A per-element status code from `result`.
@@ -271,56 +288,74 @@ pub fn top_level_code<'a>(
     }
 }
 
+/// What [`stitch`] needs of one element's answer: its code and, if it has one, its element's
+/// JSON text. Implemented by an [`Answer`] and by a cache entry, which keeps the text inline
+/// as bytes (see [`crate::cache::Entry`]).
+pub trait Stitch {
+    fn code(&self) -> &ElementCode;
+    /// The element's JSON text: always a whole JSON value, copied into the response as it is.
+    fn element(&self) -> Option<&[u8]>;
+}
+
+impl Stitch for Answer {
+    fn code(&self) -> &ElementCode {
+        &self.code
+    }
+    fn element(&self) -> Option<&[u8]> {
+        self.element.as_deref().map(|e| e.get().as_bytes())
+    }
+}
+
 /// Writes the documented response for `answers` (one per requested element, in request order).
-pub fn stitch<'a>(
+pub fn stitch<'a, A: Stitch + 'a>(
     op: Op,
     ret_code: i64,
-    answers: impl Iterator<Item = &'a Answer> + Clone,
+    answers: impl Iterator<Item = &'a A> + Clone,
 ) -> Vec<u8> {
     // Sized once: the codes and elements, plus the fixed text around them.
     let size = 160
         + answers
             .clone()
-            .map(|a| {
-                a.code.as_str().len() + 4 + a.element.as_deref().map_or(0, |e| e.get().len() + 1)
-            })
+            .map(|a| a.code().as_str().len() + 4 + a.element().map_or(0, |e| e.len() + 1))
             .sum::<usize>();
-    let mut out = String::with_capacity(size);
-    let _ = write!(out, "{{\"retCode\":{ret_code},\"errMsg\":");
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(b"{\"retCode\":");
+    out.extend_from_slice(itoa::Buffer::new().format(ret_code).as_bytes());
+    out.extend_from_slice(b",\"errMsg\":");
     push_json_str(&mut out, code::message(ret_code));
-    out.push_str(",\"result\":[");
+    out.extend_from_slice(b",\"result\":[");
     for (i, a) in answers.clone().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        push_json_str(&mut out, a.code.as_str());
+        push_json_str(&mut out, a.code().as_str());
     }
-    out.push_str("],");
-    let list = |out: &mut String| {
-        out.push('[');
+    out.extend_from_slice(b"],");
+    let list = |out: &mut Vec<u8>| {
+        out.push(b'[');
         let mut first = true;
-        for el in answers.clone().filter_map(|a| a.element.as_deref()) {
+        for el in answers.clone().filter_map(|a| a.element()) {
             if !first {
-                out.push(',');
+                out.push(b',');
             }
             first = false;
-            out.push_str(el.get());
+            out.extend_from_slice(el);
         }
-        out.push(']');
+        out.push(b']');
     };
     match op {
         Op::AccountTokens => {
-            out.push_str("\"account_tokens\":");
+            out.extend_from_slice(b"\"account_tokens\":");
             list(&mut out);
-            out.push_str(",\"token_accounts\":null}");
+            out.extend_from_slice(b",\"token_accounts\":null}");
         }
         Op::TokenAccounts => {
-            out.push_str("\"account_tokens\":null,\"token_accounts\":");
+            out.extend_from_slice(b"\"account_tokens\":null,\"token_accounts\":");
             list(&mut out);
-            out.push('}');
+            out.push(b'}');
         }
     }
-    out.into_bytes()
+    out
 }
 
 #[cfg(test)]
@@ -346,9 +381,13 @@ mod tests {
             "\u{1}",
             "tab\t",
         ] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_json_str(&mut out, s);
+            let out = String::from_utf8(out).expect("UTF-8");
             assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
+            let mut text = String::new();
+            push_json_string(&mut text, s);
+            assert_eq!(text, out, "{s:?}");
         }
     }
 

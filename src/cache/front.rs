@@ -12,8 +12,6 @@
 //! listener removes it only if it is still that very entry, so a newer one stays), or when it is
 //! invalidated (removed here directly as well). Nothing moka dropped is served from here.
 
-use std::sync::Arc;
-
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 
 use super::entry::Entry;
@@ -21,6 +19,10 @@ use super::entry::Entry;
 /// Shards: enough that concurrent readers and a writer rarely meet (64: one bit each in a
 /// `u64`, see [`Front::get_many`]).
 const SHARDS: usize = 64;
+
+/// How much of an entry [`Front::get_many`] reads ahead: its head and the first lines of its
+/// element (all of a typical ~150-byte element), each a line whose load can start at once.
+const TOUCH_BYTES: usize = 192;
 
 /// A key's digest as two words: a `u128` is 16-byte aligned, which would pad a table slot
 /// with its `Arc` to 32 bytes; two `u64`s make it 24.
@@ -44,7 +46,7 @@ impl From<u128> for Slot {
 struct Bucket {
     lo: u64,
     hi: u64,
-    entry: Option<Arc<Entry>>,
+    entry: Option<Entry>,
 }
 
 const _: () = assert!(std::mem::size_of::<Bucket>() == 24);
@@ -98,7 +100,7 @@ impl Table {
         }
     }
 
-    fn get(&self, s: Slot) -> Option<&Arc<Entry>> {
+    fn get(&self, s: Slot) -> Option<&Entry> {
         self.find(s).and_then(|i| self.buckets[i].entry.as_ref())
     }
 
@@ -108,7 +110,7 @@ impl Table {
         self.buckets.get(self.home(s)).map_or(0, |b| b.lo)
     }
 
-    fn insert(&mut self, s: Slot, entry: Arc<Entry>) {
+    fn insert(&mut self, s: Slot, entry: Entry) {
         if let Some(i) = self.find(s) {
             self.buckets[i].entry = Some(entry);
             return;
@@ -121,7 +123,7 @@ impl Table {
     }
 
     /// Puts a digest known to be absent into the first empty bucket of its run.
-    fn place(&mut self, s: Slot, entry: Arc<Entry>) {
+    fn place(&mut self, s: Slot, entry: Entry) {
         let mask = self.mask();
         let mut i = self.home(s);
         while self.buckets[i].entry.is_some() {
@@ -149,7 +151,7 @@ impl Table {
 
     /// Empties bucket `i` and moves back every later bucket of its run that may sit nearer its
     /// home, so no lookup passing `i` meets an empty bucket too early.
-    fn remove_at(&mut self, mut hole: usize) -> Option<Arc<Entry>> {
+    fn remove_at(&mut self, mut hole: usize) -> Option<Entry> {
         let removed = self.buckets[hole].entry.take();
         let mask = self.mask();
         let mut j = hole;
@@ -170,7 +172,7 @@ impl Table {
         removed
     }
 
-    fn remove(&mut self, s: Slot) -> Option<Arc<Entry>> {
+    fn remove(&mut self, s: Slot) -> Option<Entry> {
         self.find(s).and_then(|i| self.remove_at(i))
     }
 }
@@ -244,7 +246,7 @@ impl Front {
     pub(crate) fn get_many(
         &self,
         digests: impl Iterator<Item = u128> + Clone,
-    ) -> Vec<Option<Arc<Entry>>> {
+    ) -> Vec<Option<Entry>> {
         // The shards wanted, as one bit each; locked in ascending order, and a shard's guard
         // found by counting the wanted shards below it (no table of all 64 to fill and drop).
         let mut wanted = 0u64;
@@ -268,38 +270,28 @@ impl Front {
         for d in digests.clone() {
             touched ^= table(d).touch(Slot::from(d)) as usize;
         }
-        let found: Vec<Option<&Arc<Entry>>> =
-            digests.map(|d| table(d).get(Slot::from(d))).collect();
+        let found: Vec<Option<&Entry>> = digests.map(|d| table(d).get(Slot::from(d))).collect();
         for e in found.iter().flatten() {
-            touched ^= e
-                .answer
-                .element
-                .as_ref()
-                .map_or(0, |el| el.get().as_ptr() as usize);
-        }
-        for e in found.iter().flatten() {
-            if let Some(el) = &e.answer.element {
-                touched ^= usize::from(el.get().as_bytes().first().copied().unwrap_or(0));
-            }
+            touched ^= e.touch(TOUCH_BYTES);
         }
         std::hint::black_box(touched);
         found.into_iter().map(|e| e.cloned()).collect()
     }
 
     /// The entry stored under the key with this digest, if any.
-    pub(crate) fn get(&self, digest: u128) -> Option<Arc<Entry>> {
+    pub(crate) fn get(&self, digest: u128) -> Option<Entry> {
         self.shard(digest).read().get(Slot::from(digest)).cloned()
     }
 
-    pub(crate) fn insert(&self, digest: u128, entry: Arc<Entry>) {
+    pub(crate) fn insert(&self, digest: u128, entry: Entry) {
         self.shard(digest).write().insert(Slot::from(digest), entry);
     }
 
     /// Removes the key's entry if it is still `entry` (moka's removal notices).
-    pub(crate) fn remove_if_same(&self, digest: u128, entry: &Arc<Entry>) {
+    pub(crate) fn remove_if_same(&self, digest: u128, entry: &Entry) {
         let mut shard = self.shard(digest).write();
         let slot = Slot::from(digest);
-        if shard.get(slot).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+        if shard.get(slot).is_some_and(|e| Entry::ptr_eq(e, entry)) {
             shard.remove(slot);
         }
     }
@@ -324,7 +316,7 @@ mod tests {
     use std::time::Duration;
     use tokio::time::Instant;
 
-    fn entry() -> Arc<Entry> {
+    fn entry() -> Entry {
         Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60))
             .entry(
                 Answer {
@@ -350,11 +342,11 @@ mod tests {
 
     /// Checks the table against a `HashMap` after every step: each key finds exactly its
     /// entry, absent keys find nothing, and the count agrees.
-    fn agrees(t: &Table, model: &HashMap<(u64, u64), Arc<Entry>>, probes: &[Slot]) {
+    fn agrees(t: &Table, model: &HashMap<(u64, u64), Entry>, probes: &[Slot]) {
         assert_eq!(t.len, model.len());
         for s in probes {
             match (t.get(*s), model.get(&(s.lo, s.hi))) {
-                (Some(a), Some(b)) => assert!(Arc::ptr_eq(a, b)),
+                (Some(a), Some(b)) => assert!(Entry::ptr_eq(a, b)),
                 (None, None) => {}
                 (a, b) => panic!(
                     "digest {:x}/{:x}: table {} model {}",
@@ -401,7 +393,7 @@ mod tests {
                     let expected = model.remove(&(s.lo, s.hi));
                     assert_eq!(removed.is_some(), expected.is_some(), "step {step}");
                     if let (Some(a), Some(b)) = (removed, expected) {
-                        assert!(Arc::ptr_eq(&a, &b));
+                        assert!(Entry::ptr_eq(&a, &b));
                     }
                 }
             }
@@ -418,7 +410,7 @@ mod tests {
         agrees(&t, &model, &pool);
         let e = entry();
         t.insert(pool[0], e.clone());
-        assert!(Arc::ptr_eq(t.get(pool[0]).expect("found"), &e));
+        assert!(Entry::ptr_eq(t.get(pool[0]).expect("found"), &e));
     }
 
     #[test]
@@ -428,7 +420,7 @@ mod tests {
         let digests: Vec<u128> = (0..500)
             .map(|_| (u128::from(rng.next()) << 64) | u128::from(rng.next()))
             .collect();
-        let entries: Vec<Arc<Entry>> = digests.iter().map(|_| entry()).collect();
+        let entries: Vec<Entry> = digests.iter().map(|_| entry()).collect();
         for (d, e) in digests.iter().zip(&entries).step_by(2) {
             front.insert(*d, e.clone());
         }
@@ -442,7 +434,7 @@ mod tests {
             match g {
                 Some(e) => {
                     assert_eq!(k % 2, 0, "position {i}");
-                    assert!(Arc::ptr_eq(e, &entries[k]));
+                    assert!(Entry::ptr_eq(e, &entries[k]));
                 }
                 None => assert_eq!(k % 2, 1, "position {i}"),
             }

@@ -151,14 +151,14 @@ struct BoundAccount {
 
 /// The names of the other kind an entry's element binds its identifier to.
 pub fn bound_names(kind: Kind, entry: &Entry) -> Vec<String> {
-    let Some(el) = &entry.answer.element else {
+    let Some(el) = entry.element_str() else {
         return Vec::new();
     };
     match kind {
-        Kind::Account => serde_json::from_str::<AccountElement>(el.get())
+        Kind::Account => serde_json::from_str::<AccountElement>(el)
             .map(|e| e.token_list)
             .unwrap_or_default(),
-        Kind::Token => serde_json::from_str::<TokenElement>(el.get())
+        Kind::Token => serde_json::from_str::<TokenElement>(el)
             .map(|e| e.account_list.into_iter().map(|a| a.account).collect())
             .unwrap_or_default(),
     }

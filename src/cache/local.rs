@@ -31,7 +31,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 use tokio::time::Instant;
 
-use super::entry::{Clock, Entry, Lookup, Policy};
+use super::entry::{Clock, Entry, Lookup, Policy, ENTRY_FIXED_BYTES};
 use super::front::Front;
 use super::index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
 use super::key::{CacheKey, KeyData};
@@ -52,41 +52,41 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
-/// Fixed bytes per entry beyond the key's and element's heap data: the key and entry structs
-/// and their `Arc`s, moka's own bookkeeping (deque nodes, hash table slot, frequency sketch),
+/// Fixed bytes per entry beyond the key's and element's heap data: the key struct and its
+/// `Arc`'s counts, the entry's fixed part (its element is inline), moka's own bookkeeping (deque nodes, hash table slot, frequency sketch),
 /// the reverse index, and the allocator's rounding. Calibrated with `examples/memprobe.rs` so
 /// that `cache.max_bytes` tracks the process's real memory growth.
 const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
-    + std::mem::size_of::<Entry>()
-    + 2 * 16
+    + 16
+    + ENTRY_FIXED_BYTES
     + MOKA_BYTES_PER_ENTRY
     + INDEX_BYTES_PER_ENTRY;
 /// moka's own bookkeeping per entry (~330 B with per-entry expiry, `memprobe moka`),
 /// the read map's slot with its table's slack, and the allocator's rounding (mimalloc, the
 /// binary's allocator): calibrated with `examples/memprobe.rs` at 1 000 000 entries.
-const MOKA_BYTES_PER_ENTRY: usize = 484;
+const MOKA_BYTES_PER_ENTRY: usize = 451;
 
 /// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
 /// AccessID and the top-level scope are shared by the keys of one request, but each entry is
 /// charged them in full: an entry can outlive its siblings and then pins them alone, and a
 /// client must not be able to pin a large scope (a 900 KB unknown field) for the price of an
 /// identifier. Real requests carry at most a short `account_type` there.
-pub fn weigh(key: &CacheKey, entry: &Arc<Entry>) -> u32 {
+pub fn weigh(key: &CacheKey, entry: &Entry) -> u32 {
     let bytes = ENTRY_OVERHEAD_BYTES
         + key.ident.heap_bytes()
         + key.access_id.len()
         + key.top_scope.as_ref().map_or(0, |s| s.len())
-        + entry.answer.element.as_ref().map_or(0, |e| e.get().len());
+        + entry.element().map_or(0, <[u8]>::len);
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 struct EntryExpiry;
 
-impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+impl Expiry<CacheKey, Entry> for EntryExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<Entry>,
+        value: &Entry,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(value.keep())
@@ -94,7 +94,7 @@ impl Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        value: &Arc<Entry>,
+        value: &Entry,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
@@ -118,9 +118,9 @@ pub const RECORDED_IN_FULL: u32 = 2;
 fn record_hit(entry: &Entry, sampling: bool) -> bool {
     // A plain load and store, no read-modify-write: readers racing may lose a count, which
     // only makes the sample a little sparser.
-    let n = entry.recorded.load(Ordering::Relaxed);
+    let n = entry.recorded().load(Ordering::Relaxed);
     if n < RECORDED_IN_FULL {
-        entry.recorded.store(n + 1, Ordering::Relaxed);
+        entry.recorded().store(n + 1, Ordering::Relaxed);
         return true;
     }
     if !sampling {
@@ -138,7 +138,7 @@ fn record_hit(entry: &Entry, sampling: bool) -> bool {
 
 #[derive(Clone)]
 pub struct Store {
-    cache: Cache<CacheKey, Arc<Entry>, KeyHasher>,
+    cache: Cache<CacheKey, Entry, KeyHasher>,
     front: Arc<Front>,
     policy: Policy,
     clock: Clock,
@@ -177,7 +177,7 @@ impl Store {
             .max_capacity(max_bytes)
             .weigher(weigh)
             .expire_after(EntryExpiry)
-            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
+            .eviction_listener(move |key: Arc<CacheKey>, entry: Entry, cause| {
                 listener_front.remove_if_same(key.digest(), &entry);
                 listener_index.remove(&key, &entry);
                 if let Some(c) = &evictions {
@@ -249,13 +249,7 @@ impl Store {
     /// What a read of the key with this digest that found `entry` in the read map means at
     /// `now`; tells moka of the read when it should see it (see the module's notes). moka is
     /// probed with the digest alone (a key hashes and compares as its digest).
-    fn classify(
-        &self,
-        digest: u128,
-        entry: Option<Arc<Entry>>,
-        now: Instant,
-        sampling: bool,
-    ) -> Lookup {
+    fn classify(&self, digest: u128, entry: Option<Entry>, now: Instant, sampling: bool) -> Lookup {
         let Some(entry) = entry else {
             let _ = self.cache.get(&digest); // moka counts every miss (see the module's notes)
             return Lookup::Miss;
@@ -263,7 +257,7 @@ impl Store {
         if record_hit(&entry, sampling) {
             let _ = self.cache.get(&digest);
         }
-        if let ElementCode::Other(_) = entry.answer.code {
+        if let ElementCode::Other(_) = entry.code() {
             // Never stored (see `Policy::lifetime`), but a lookup must not guess.
             return Lookup::Miss;
         }
@@ -274,7 +268,7 @@ impl Store {
     /// write to its app happened since `epoch` (see [`Index::epoch`]): the answer may predate
     /// the write. Returns the entry either way (the caller stitches with it) and whether it was
     /// discarded for that reason.
-    pub async fn put_since(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Arc<Entry>, bool) {
+    pub async fn put_since(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Entry, bool) {
         self.put_since_with(key, answer, epoch, None).await
     }
 
@@ -286,7 +280,7 @@ impl Store {
         answer: Answer,
         fresh: Duration,
         epoch: u64,
-    ) -> (Arc<Entry>, bool) {
+    ) -> (Entry, bool) {
         self.put_since_with(key, answer, epoch, Some(fresh)).await
     }
 
@@ -296,7 +290,7 @@ impl Store {
         answer: Answer,
         epoch: u64,
         fresh_for: Option<Duration>,
-    ) -> (Arc<Entry>, bool) {
+    ) -> (Entry, bool) {
         if self.index.epoch(&key.access_id) != epoch {
             return (self.put_with(None, answer, fresh_for).await, true);
         }
@@ -315,17 +309,12 @@ impl Store {
 
     /// Stores unconditionally (see [`Store::put_since`]): for tools and tests that do not
     /// purge while they store (a purge relies on the epoch check `put_since` does).
-    pub async fn put(&self, key: CacheKey, answer: Answer) -> Arc<Entry> {
+    pub async fn put(&self, key: CacheKey, answer: Answer) -> Entry {
         self.put_with(Some(key), answer, None).await
     }
 
     /// Stores an answer from the fleet's shared tier with the fresh time it has left there.
-    pub async fn put_fresh_for(
-        &self,
-        key: CacheKey,
-        answer: Answer,
-        fresh: Duration,
-    ) -> Arc<Entry> {
+    pub async fn put_fresh_for(&self, key: CacheKey, answer: Answer, fresh: Duration) -> Entry {
         self.put_with(Some(key), answer, Some(fresh)).await
     }
 
@@ -334,7 +323,7 @@ impl Store {
         key: Option<CacheKey>,
         answer: Answer,
         fresh_for: Option<Duration>,
-    ) -> Arc<Entry> {
+    ) -> Entry {
         let (entry, cacheable) = self.policy.entry(answer, self.clock.now(), fresh_for);
         if let (Some(key), true) = (key, cacheable) {
             self.index.add(&key, &entry);

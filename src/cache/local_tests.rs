@@ -407,7 +407,7 @@ async fn reading_a_request_at_once_is_reading_each_key() {
         let one = s.read(k.digest(), now);
         match (got, one) {
             (Lookup::Fresh(a), Lookup::Fresh(b)) => {
-                assert!(Arc::ptr_eq(&a, &b), "{:?}", k.ident);
+                assert!(Entry::ptr_eq(&a, &b), "{:?}", k.ident);
                 hits += 1;
             }
             (Lookup::Miss, Lookup::Miss) => {}

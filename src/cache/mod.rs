@@ -53,14 +53,14 @@ pub(crate) enum Names<'a> {
 #[derive(Debug)]
 pub(crate) enum Found {
     /// Fresh in this sidecar's cache.
-    Fresh(Arc<Entry>),
+    Fresh(Entry),
     /// Fresh in the fleet's shared tier (now in this sidecar's too, unless a write passed).
-    Shared(Arc<Entry>),
+    Shared(Entry),
     /// Past its lifetime, within stale-while-revalidate: serve it and refresh in background.
-    Revalidate(Arc<Entry>),
+    Revalidate(Entry),
     /// Not usable: fetch it. A stale entry within stale-if-error may stand in if the upstream
     /// cannot answer.
-    Miss { stale: Option<Arc<Entry>> },
+    Miss { stale: Option<Entry> },
 }
 
 #[derive(Debug)]
@@ -187,7 +187,7 @@ impl Cache {
         app: &Arc<str>,
         keys: &[CacheKey],
         epoch: u64,
-    ) -> Option<Vec<Option<Arc<Entry>>>> {
+    ) -> Option<Vec<Option<Entry>>> {
         let fleet = self.fleet.as_ref()?;
         if !self.shared_usable(app).await {
             return None;
@@ -211,12 +211,7 @@ impl Cache {
     /// Stores a fetched answer unless a write to its app happened since `epoch` (the answer
     /// may predate it). Returns the entry either way (the caller answers with it) and whether
     /// it was stored.
-    pub(crate) async fn store(
-        &self,
-        key: CacheKey,
-        answer: Answer,
-        epoch: u64,
-    ) -> (Arc<Entry>, bool) {
+    pub(crate) async fn store(&self, key: CacheKey, answer: Answer, epoch: u64) -> (Entry, bool) {
         let (entry, discarded) = self.local.put_since(key, answer, epoch).await;
         (entry, !discarded)
     }
@@ -232,7 +227,7 @@ impl Cache {
     }
 
     /// Fleet mode: writes fetched entries to the shared tier under `generation`.
-    pub(crate) async fn share(&self, generation: u64, entries: &[(CacheKey, Arc<Entry>)]) {
+    pub(crate) async fn share(&self, generation: u64, entries: &[(CacheKey, Entry)]) {
         if let Some(fleet) = &self.fleet {
             fleet
                 .shared

@@ -12,7 +12,6 @@
 //! move succeeds (see [`crate::cache::Cache`], which retries every second and before a lookup).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -224,7 +223,7 @@ impl SharedTier {
     pub(crate) async fn write(
         &self,
         gen: u64,
-        entries: &[(CacheKey, Arc<Entry>)],
+        entries: &[(CacheKey, Entry)],
         keep_after_fresh: Duration,
     ) {
         let now = tokio::time::Instant::now();
@@ -239,8 +238,10 @@ impl SharedTier {
             let value = SharedValue {
                 v: 1,
                 g: gen,
-                c: entry.answer.code.as_str().to_owned(),
-                e: entry.answer.element.clone(),
+                c: entry.code().as_str().to_owned(),
+                e: entry
+                    .element_str()
+                    .and_then(|t| serde_json::value::RawValue::from_string(t.to_owned()).ok()),
                 f: now_ms + u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX / 2),
             };
             let Ok(bytes) = serde_json::to_vec(&value) else {

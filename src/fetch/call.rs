@@ -69,7 +69,7 @@ impl Caller {
             Ok(fetched) => {
                 self.trust.accept(ctx.fingerprint);
                 let mut discarded = 0u64;
-                let mut shared: Vec<(CacheKey, Arc<Entry>)> = Vec::new();
+                let mut shared: Vec<(CacheKey, Entry)> = Vec::new();
                 for (item, answer) in batch.items.iter().zip(fetched.answers) {
                     let (entry, stored) = self
                         .cache

@@ -17,7 +17,7 @@ use crate::cache::{CacheKey, Entry};
 use crate::trust::Fingerprint;
 
 /// What a flight lands with; shared by every waiter.
-pub(crate) type FlightResult = Result<Arc<Entry>, Arc<FetchError>>;
+pub(crate) type FlightResult = Result<Entry, Arc<FetchError>>;
 
 type Slot = Option<FlightResult>;
 /// Flights are keyed by credential and key.

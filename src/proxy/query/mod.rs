@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use super::auth::ClientAuth;
 use super::status::CacheStatus;
 use super::{error_response, passthrough, Proxy, RetCode};
-use crate::api::answer::{stitch, top_level_code, Answer};
+use crate::api::answer::{stitch, top_level_code};
 use crate::api::error::{whole_seconds, ClientError};
 use crate::api::request::{parse_query, Limits, Parsed};
 use crate::api::{code, ErrorShape};
@@ -322,10 +322,10 @@ fn respond(
         served,
         all_fresh,
     } = answers;
-    let ordered: Vec<&Answer> = plan.positions.iter().map(|&i| &entries[i].answer).collect();
+    let ordered: Vec<&crate::cache::Entry> = plan.positions.iter().map(|&i| &entries[i]).collect();
     let q = &proxy.config.query;
     let ret_code = top_level_code(
-        ordered.iter().map(|a| &a.code),
+        ordered.iter().map(|a| a.code()),
         q.partial_failure_ret_code,
         q.all_failed_ret_code,
     );

@@ -182,7 +182,7 @@ pub(super) async fn look_up<'a>(proxy: &Proxy, scope: &Scope, plan: Plan<'a>) ->
 /// An answer for each distinct identifier, and how it was served.
 pub(super) struct Answers<'a> {
     pub(super) plan: Plan<'a>,
-    pub(super) entries: Vec<Arc<Entry>>,
+    pub(super) entries: Vec<Entry>,
     pub(super) served: Served,
     /// Every identifier came fresh from the cache: the answer may be memoized.
     pub(super) all_fresh: bool,
@@ -198,8 +198,8 @@ pub(super) async fn fetch<'a>(
     let Looked { plan, found } = looked;
     let total = plan.digests.len();
     outcome.op = Some(plan.ctx.op);
-    let mut entries: Vec<Option<Arc<Entry>>> = vec![None; total];
-    let mut stale_fallback: Vec<Option<Arc<Entry>>> = vec![None; total];
+    let mut entries: Vec<Option<Entry>> = vec![None; total];
+    let mut stale_fallback: Vec<Option<Entry>> = vec![None; total];
     let (mut revalidate, mut misses) = (Vec::new(), Vec::new());
     for (i, f) in found.into_iter().enumerate() {
         match f {
@@ -280,7 +280,7 @@ pub(super) async fn fetch<'a>(
         }
         outcome.stale_error += stale_on_error as u64;
     }
-    let entries: Vec<Arc<Entry>> = entries.into_iter().flatten().collect();
+    let entries: Vec<Entry> = entries.into_iter().flatten().collect();
     if entries.len() != total {
         return Err(Arc::new(FetchError::Upstream(UpstreamError::Malformed(
             "an identifier was left unanswered".to_owned(),
