@@ -247,22 +247,24 @@ impl Front {
         &self,
         digests: impl Iterator<Item = u128> + Clone,
     ) -> Vec<Option<Entry>> {
-        // The shards wanted, as one bit each; locked in ascending order, and a shard's guard
-        // found by counting the wanted shards below it (no table of all 64 to fill and drop).
+        // The shards wanted, as one bit each; locked in ascending order (no table of all 64
+        // guards to fill and drop).
         let mut wanted = 0u64;
         for d in digests.clone() {
             wanted |= 1 << shard_of(d);
         }
         let mut guards = Vec::with_capacity(wanted.count_ones() as usize);
+        // Where each wanted shard's guard is in `guards` (a table lookup per key, no counting).
+        let mut at = [0u8; SHARDS];
         let mut bits = wanted;
         while bits != 0 {
-            guards.push(self.shards[bits.trailing_zeros() as usize].read());
+            let shard = bits.trailing_zeros() as usize;
+            at[shard] = guards.len() as u8;
+            guards.push(self.shards[shard].read());
             bits &= bits - 1;
         }
-        let table = |d: u128| {
-            let below = wanted & ((1u64 << shard_of(d)) - 1);
-            &*guards[below.count_ones() as usize]
-        };
+        let tables: Vec<&Table> = guards.iter().map(|g| &**g).collect();
+        let table = |d: u128| tables[usize::from(at[shard_of(d)])];
         // Touch each home bucket, then probe (from cache by now), then touch each entry, then
         // each element: each stage a loop of independent loads, so their misses overlap
         // instead of each key paying three in a row.
