@@ -7,6 +7,8 @@
 #   bash benches/varied-hit.sh                 # IDS=100000 DURATION=15s CONN=32 BATCHES="20 100"
 #   MAX_BYTES=110MB bash benches/varied-hit.sh # the proxy's cache.max_bytes (default: its default,
 #                                              # 256 MiB, which 100 000 identifiers fill to ~38 %)
+#   SAME_BODY=1 bash benches/varied-hit.sh     # one random batch repeated instead: the response memo
+#                                              # answers it, so this is the proxy's per-request floor
 #   PERF=1 bash benches/varied-hit.sh          # also perf-record the proxy during batch PERF_BATCH (100)
 #                                              # (PERF_ARGS="--call-graph dwarf" for Rust call stacks)
 #
@@ -50,7 +52,7 @@ PIDS+=($PROXY_PID)
 wait_port "$PROXY"
 
 AUTH="Basic $(printf '%s' '1500001048:1452fcebae9f3115ba794fb0fff2fd73' | base64)"
-export AUTH IDS
+export AUTH IDS SAME_BODY
 python3 - "$PROXY" "$IDS" "$AUTH" <<'EOF'
 import http.client, json, sys
 port, ids, auth = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
