@@ -82,8 +82,8 @@ pub enum ElementCode {
 
 /// A code other than the two the cache understands, as the upstream spelled it. Boxed twice so
 /// an [`ElementCode`] is 16 bytes, not 24 (a thin pointer leaves room for the tag), which keeps
-/// a cache entry within one cache line (see [`crate::cache::Entry`]). Such codes are never
-/// cached and rare, so the extra allocation costs nothing that matters.
+/// a cache entry's head at 32 bytes (see [`crate::cache::Entry`]). Such codes are never cached
+/// and rare, so the extra allocation costs nothing that matters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherCode(Box<Box<str>>);
 

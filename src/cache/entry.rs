@@ -17,7 +17,7 @@ use crate::api::answer::{Answer, ElementCode};
 /// Why inline: with the element in an allocation of its own, a hit loads the entry, and only
 /// then knows where the element is: two dependent memory accesses per identifier in a cache
 /// larger than the CPU's (and, at a million entries, two page walks). Here the element's
-/// address is the entry's plus a fixed offset, so [`super::front::Front::get_many`] starts
+/// address is the entry's plus a fixed offset, so `Front::get_many` (`cache::front`) starts
 /// loading all of an entry's lines at once, and one allocation (one count, one length, one
 /// allocator rounding) replaces two. The element is kept as bytes: it is always the text of a
 /// JSON value (see [`Entry::element_str`]), and the hit path copies it into the response as
@@ -44,7 +44,7 @@ struct Head {
 
 const _: () = assert!(std::mem::size_of::<Head>() == 32);
 
-/// An entry's bytes before its element: the allocation's count, the [`Head`], the element's
+/// An entry's bytes before its element: the allocation's count, the `Head`, the element's
 /// length (what the weigher charges besides the element itself).
 pub const ENTRY_FIXED_BYTES: usize = 8 + std::mem::size_of::<Head>() + 8;
 const _: () = assert!(std::mem::size_of::<Option<Entry>>() == 8);

@@ -234,12 +234,13 @@ impl Front {
 
     /// The entries of a whole request's keys, in order.
     ///
-    /// One probe per key costs two cache misses (the table's slot, then the entry), and when
-    /// each sits behind a locked instruction (a shard's read lock, the `Arc` clone) they are
-    /// paid one after the other: ~300 ns per key at 100 000 entries and more. Here each shard
-    /// the request needs is read-locked once, in ascending order, then every key is probed,
-    /// then every entry found and its element are read, each a loop of plain loads that the
-    /// CPU overlaps, and only then are the entries cloned (from cache by now).
+    /// A hit misses the cache at least twice (the key's bucket, then its entry's lines), and
+    /// when each miss sits behind a locked instruction (a shard's read lock, the count's
+    /// increment) they are paid one after the other: ~300 ns per key at 100 000 entries and
+    /// more. Here each shard the request needs is read-locked once, in ascending order; then
+    /// every key's home bucket is read, then every key probed, then every entry found read
+    /// (its head and its element's first lines, see [`TOUCH_BYTES`]), each a loop of plain
+    /// loads that the CPU overlaps; only then are the entries cloned (from cache by now).
     ///
     /// No deadlock: readers take shards in ascending order and writers hold one shard at a
     /// time and take nothing else meanwhile.
