@@ -322,6 +322,14 @@ pub enum Parsed<'a> {
 /// fails here. Every step is linear in the body: it runs before the credential is known to be
 /// good.
 pub fn parse_query<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, ClientError> {
+    if let Some(q) = plain_token_query(body, limits) {
+        return Ok(Parsed::Query(q));
+    }
+    parse_query_general(body, limits)
+}
+
+/// [`parse_query`] without the one-pass reader of the usual query ([`plain_token_query`]).
+fn parse_query_general<'a>(body: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, ClientError> {
     if nesting_exceeds(body, limits.max_depth) {
         return Err(invalid(format!(
             "JSON nested deeper than {} levels",
@@ -459,50 +467,134 @@ fn finish<'a>(
     })
 }
 
+/// JSON's whitespace.
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b
+        .get(i)
+        .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
 /// The usual token list, read in one pass without serde: `[`, strings without escapes
 /// separated by commas, `]`, JSON whitespace between. Each element as `(its text with the
 /// quotes, its value)`. `None` for anything else (an escape, a value that is not a string, a
 /// control character, a syntax error, no element, more than `max`): the general reader then
 /// reads the list, with its exact errors. What both accept they read the same (unit test).
 fn plain_token_list(list: &str, max: usize) -> Option<Vec<(&str, &str)>> {
-    let b = list.as_bytes();
-    let skip_ws = |mut i: usize| {
-        while b
-            .get(i)
-            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
-        {
-            i += 1;
-        }
-        i
-    };
-    let mut i = skip_ws(0);
+    let (out, end) = token_list_at(list, 0, max)?;
+    (skip_ws(list.as_bytes(), end) == list.len()).then_some(out)
+}
+
+/// [`plain_token_list`] starting at byte `i` of `text` (whitespace first allowed); with the
+/// index just past its `]`.
+fn token_list_at(text: &str, i: usize, max: usize) -> Option<(Vec<(&str, &str)>, usize)> {
+    let b = text.as_bytes();
+    let mut i = skip_ws(b, i);
     if b.get(i) != Some(&b'[') {
         return None;
     }
-    i = skip_ws(i + 1);
-    let mut out = Vec::with_capacity(max.min(b.len() / 3 + 1));
+    i = skip_ws(b, i + 1);
+    let mut out = Vec::with_capacity(max.min((b.len() - i) / 3 + 1));
     loop {
-        if b.get(i) != Some(&b'"') || out.len() == max {
+        if out.len() == max {
             return None;
         }
-        let start = i;
-        let len = b[i + 1..]
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-        let end = i + 1 + len;
-        if b[end] != b'"' {
-            return None;
-        }
+        let (start, end) = plain_string_at(b, i)?;
         // Quotes are ASCII, so these are char boundaries.
-        out.push((list.get(start..=end)?, list.get(start + 1..end)?));
-        i = skip_ws(end + 1);
+        out.push((text.get(start..=end)?, text.get(start + 1..end)?));
+        i = skip_ws(b, end + 1);
         match b.get(i) {
-            Some(b',') => i = skip_ws(i + 1),
-            Some(b']') => break,
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b']') => return Some((out, i + 1)),
             _ => return None,
         }
     }
-    (skip_ws(i + 1) == b.len()).then_some(out)
+}
+
+/// A string starting at `i` with no escape and no control character: the indices of its
+/// opening and closing quotes.
+fn plain_string_at(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let len = b
+        .get(i + 1..)?
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let end = i + 1 + len;
+    (b[end] == b'"').then_some((i, end))
+}
+
+/// The usual query read in one pass, without serde: an object of exactly `"operator_type"`
+/// with the number `2` and a plain `"token_list"` (see [`plain_token_list`]), in either order,
+/// JSON whitespace between, nothing after it; every identifier passing its check. `None` for
+/// anything else (another op, any other member, another spelling of the number, an escape
+/// anywhere, a duplicate, an identifier the check refuses, limits too tight for it, a syntax
+/// error): the general reader then reads the body, with its exact errors. What this accepts
+/// the general reader accepts and reads the same (unit test, over generated bodies). Linear:
+/// one pass over the body to check it is UTF-8 (as serde does), one to read it.
+fn plain_token_query<'a>(body: &'a [u8], limits: &Limits) -> Option<QueryRequest<'a>> {
+    // Its depth is 2 and it has 2 members; tighter limits are the general reader's to report.
+    if limits.max_depth < 2 || limits.max_fields < 2 {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let b = text.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let (mut op_seen, mut list) = (false, None);
+    for member in 0..2 {
+        let (start, end) = plain_string_at(b, skip_ws(b, i))?;
+        i = skip_ws(b, end + 1);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        match &b[start + 1..end] {
+            b"operator_type" if !op_seen => {
+                if b.get(i) != Some(&b'2') {
+                    return None;
+                }
+                op_seen = true;
+                i += 1;
+            }
+            b"token_list" if list.is_none() => {
+                let (items, after) = token_list_at(text, i, limits.max_items)?;
+                list = Some(items);
+                i = after;
+            }
+            _ => return None,
+        }
+        i = skip_ws(b, i);
+        let delimiter = if member == 0 { b',' } else { b'}' };
+        if b.get(i) != Some(&delimiter) {
+            return None;
+        }
+        i += 1;
+    }
+    if skip_ws(b, i) != b.len() {
+        return None;
+    }
+    let mut items = Vec::with_capacity(list.as_ref()?.len());
+    for (pos, (raw, name)) in list?.into_iter().enumerate() {
+        check_identifier(name, "token_list", pos, limits).ok()?;
+        items.push(Item {
+            ident: Ident::Token(Cow::Borrowed(name)),
+            raw,
+        });
+    }
+    Some(QueryRequest {
+        op: Op::TokenAccounts,
+        top_fields: Vec::new(),
+        top_scope: None,
+        items,
+    })
 }
 
 /// [`parse_query`] for callers that key every valid query, whatever the size of its unknown

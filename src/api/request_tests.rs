@@ -273,3 +273,96 @@ fn plain_token_lists_read_as_the_general_reader_reads_them() {
         1_008_007
     );
 }
+
+/// The one-pass reader of the usual query accepts only what the general reader accepts, and
+/// reads it the same: over bodies built from every combination of member order, whitespace,
+/// spellings of the op, list shapes and what may follow, the one-pass reader's query equals
+/// the general reader's wherever the one-pass reader answers (and it answers the plain ones).
+#[test]
+fn plain_token_queries_read_as_the_general_reader_reads_them() {
+    let ws = ["", " ", "\n\t ", "\r\n"];
+    let ops = [
+        "2", "1", "02", "2.0", "2e0", "-2", "\"2\"", "20", "null", "2 2",
+    ];
+    let lists = [
+        r#"["t1"]"#,
+        r#"[ "t1" , "t2" ]"#,
+        r#"["t1","t1"]"#,
+        r#"["é","日本","a b","x,y]"]"#,
+        r#"[]"#,
+        r#"["a\"b"]"#,
+        r#"["a\u0062"]"#,
+        r#"["",  "x"]"#,
+        "[\"a\u{7f}\"]",
+        "[\"a\u{85}\"]",
+        r#"["a",1]"#,
+        r#"["a",]"#,
+        r#"[["a"]]"#,
+        r#"["a","b","c","d","e","f"]"#,       // more than the limit
+        &format!("[\"{}\"]", "x".repeat(65)), // longer than the limit
+        r#"["a""#,
+    ];
+    /// A body from whitespace, the op's spelling and the list.
+    type Shape = dyn Fn(&str, &str, &str) -> String;
+    let shapes: [&Shape; 9] = [
+        &|w, op, l| {
+            format!("{w}{{{w}\"operator_type\"{w}:{w}{op}{w},{w}\"token_list\"{w}:{w}{l}{w}}}{w}")
+        },
+        &|w, op, l| format!("{w}{{\"token_list\":{w}{l},\"operator_type\":{op}{w}}}"),
+        &|w, op, l| format!("{{\"operator_type\":{op},\"token_list\":{l},\"x\":1}}{w}"),
+        &|w, op, l| {
+            format!("{{\"operator_type\":{op},{w}\"operator_type\":{op},\"token_list\":{l}}}")
+        },
+        &|_, op, l| format!("{{\"operator_type\":{op},\"token_list\":{l},\"token_list\":{l}}}"),
+        &|w, op, l| format!("{{\"operator_type\":{op},\"token_list\":{l}}}{w}x"),
+        &|_, op, l| format!("{{\"operator_typ\\u0065\":{op},\"token_list\":{l}}}"),
+        &|w, op, l| format!("{{\"operator_type\":{op},\"token_list\":{l}{w}"),
+        &|_, op, l| format!("{{\"operator_type\":{op},\"token_list\":{l},\"account_type\":0}}"),
+    ];
+    let (mut answered, mut compared) = (0, 0);
+    for shape in &shapes {
+        for w in ws {
+            for op in ops {
+                for l in &lists {
+                    let body = shape(w, op, l);
+                    compared += 1;
+                    let Some(fast) = plain_token_query(body.as_bytes(), &LIMITS) else {
+                        continue;
+                    };
+                    answered += 1;
+                    let general = match parse_query_general(body.as_bytes(), &LIMITS) {
+                        Ok(Parsed::Query(q)) => q,
+                        other => {
+                            panic!("{body:?}: one pass read it, the general reader gave {other:?}")
+                        }
+                    };
+                    assert_eq!(fast.op, general.op, "{body:?}");
+                    assert_eq!(fast.top_fields.len(), general.top_fields.len(), "{body:?}");
+                    assert_eq!(fast.top_scope, general.top_scope, "{body:?}");
+                    assert_eq!(fast.items.len(), general.items.len(), "{body:?}");
+                    for (f, g) in fast.items.iter().zip(&general.items) {
+                        assert_eq!(f.ident, g.ident, "{body:?}");
+                        assert_eq!(f.raw, g.raw, "{body:?}");
+                    }
+                }
+            }
+        }
+    }
+    // The plain ones are answered: both shapes that spell the usual query, with the op `2`,
+    // in every whitespace, with the four lists that are plain and pass the identifier check.
+    assert_eq!(
+        answered,
+        2 * ws.len() * 4,
+        "{answered} of {compared} bodies read in one pass"
+    );
+    // Limits too tight for it are the general reader's to report.
+    let tight = Limits {
+        max_depth: 1,
+        ..LIMITS
+    };
+    assert!(plain_token_query(br#"{"operator_type":2,"token_list":["a"]}"#, &tight).is_none());
+    // Not UTF-8: left to the general reader, which refuses it.
+    let bad = b"{\"operator_type\":2,\"token_list\":[\"a\xff\"]}";
+    assert!(plain_token_query(bad, &LIMITS).is_none());
+    assert!(parse_query(bad, &LIMITS).is_err());
+}
