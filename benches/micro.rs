@@ -157,6 +157,7 @@ fn preauth_bodies() -> Vec<(&'static str, String, Limits)> {
         .collect();
     dup.push("\"f0\":0".to_owned());
     let token = format!("\"{}\"", "\\u4e2d".repeat(66));
+    let plain_token = format!("\"{}\"", "a".repeat(1000));
     vec![
         ("ordinary_1000_accounts", ordinary, big_ids),
         (
@@ -206,6 +207,16 @@ fn preauth_bodies() -> Vec<(&'static str, String, Limits)> {
             format!(
                 "{{\"operator_type\":2,\"token_list\":[\"t\"],{}}}",
                 dup.join(",")
+            ),
+            LIMITS,
+        ),
+        (
+            // Plain all the way, so the one-pass reader reads it whole before the identifier
+            // check refuses it and the general reader reads it again.
+            "1000_plain_tokens_too_long",
+            format!(
+                "{{\"operator_type\":2,\"token_list\":[{}]}}",
+                vec![plain_token.as_str(); 1000].join(",")
             ),
             LIMITS,
         ),
