@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -20,32 +19,33 @@ pub fn build_upstream_body<'a>(
     top_fields: &[(String, Box<RawValue>)],
     elements: impl Iterator<Item = &'a str>,
 ) -> Vec<u8> {
-    let mut out = String::with_capacity(64);
-    let _ = write!(out, "{{\"operator_type\":{}", op.operator_type());
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"{\"operator_type\":");
+    out.extend_from_slice(itoa::Buffer::new().format(op.operator_type()).as_bytes());
     for (k, v) in top_fields {
-        out.push(',');
-        push_json_string(&mut out, k);
-        out.push(':');
-        out.push_str(v.get());
+        out.push(b',');
+        push_json_str(&mut out, k);
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
     }
-    out.push(',');
-    push_json_string(&mut out, op.list_field());
-    out.push_str(":[");
+    out.push(b',');
+    push_json_str(&mut out, op.list_field());
+    out.extend_from_slice(b":[");
     for (i, el) in elements.enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(el);
+        out.extend_from_slice(el.as_bytes());
     }
-    out.push_str("]}");
-    out.into_bytes()
+    out.extend_from_slice(b"]}");
+    out
 }
 
 /// `s` as a JSON string, exactly as serde_json writes it. Only `"`, `\` and control characters
 /// need escaping; without them (every element code, almost every key) the text goes in as it
 /// is, with no allocation (this runs once per identifier in [`stitch`]).
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    if plain_json_str(s) {
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
@@ -53,23 +53,6 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
     }
     // Serializing a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
-}
-
-/// [`push_json_str`] onto a `String`.
-fn push_json_string(out: &mut String, s: &str) {
-    if plain_json_str(s) {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-        return;
-    }
-    // Serializing a &str cannot fail.
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
-}
-
-/// Whether `s` goes into JSON as it is, between quotes: no `"`, `\` or control character.
-fn plain_json_str(s: &str) -> bool {
-    !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)
 }
 
 /// A per-element status code from `result`.
@@ -385,9 +368,6 @@ mod tests {
             push_json_str(&mut out, s);
             let out = String::from_utf8(out).expect("UTF-8");
             assert_eq!(out, serde_json::to_string(s).unwrap(), "{s:?}");
-            let mut text = String::new();
-            push_json_string(&mut text, s);
-            assert_eq!(text, out, "{s:?}");
         }
     }
 

@@ -53,8 +53,9 @@ impl Drop for WriteGuard<'_> {
 }
 
 /// Fixed bytes per entry beyond the key's and element's heap data: the key struct and its
-/// `Arc`'s counts, the entry's fixed part (its element is inline), moka's own bookkeeping (deque nodes, hash table slot, frequency sketch),
-/// the reverse index, and the allocator's rounding. Calibrated with `examples/memprobe.rs` so
+/// `Arc`'s counts, the entry's fixed part (its element is inline), moka's own bookkeeping
+/// (deque nodes, hash table slot, frequency sketch), the reverse index, and the allocator's
+/// rounding. Calibrated with `examples/memprobe.rs` so
 /// that `cache.max_bytes` tracks the process's real memory growth.
 const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
     + 16
