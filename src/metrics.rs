@@ -8,7 +8,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub(crate) mod labels;
@@ -43,9 +44,14 @@ fn help_with<L: Label>(help: &str, name: &str) -> String {
 }
 
 /// A counter family with one label of type `L`.
+///
+/// Every series is created at registration and its handle kept, indexed by [`Label::index`]:
+/// counting is one atomic add, with no label hashing or map lookup (prometheus's
+/// `with_label_values` hashes the label strings and takes a read lock each time, several times
+/// per request on the query path).
 #[derive(Debug, Clone)]
 pub(crate) struct Counter1<L: Label> {
-    vec: IntCounterVec,
+    series: std::sync::Arc<[IntCounter]>,
     _label: std::marker::PhantomData<L>,
 }
 
@@ -53,32 +59,35 @@ impl<L: Label> Counter1<L> {
     pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
         let vec = IntCounterVec::new(Opts::new(name, help_with::<L>(help, L::NAME)), &[L::NAME])?;
         // Every series exists from the start, at 0, so rates work from the first scrape.
-        for l in L::ALL {
-            vec.with_label_values(&[l.as_str()]);
-        }
+        let series = L::ALL
+            .iter()
+            .map(|l| vec.with_label_values(&[l.as_str()]))
+            .collect();
+        register(r, vec)?;
         Ok(Counter1 {
-            vec: register(r, vec)?,
+            series,
             _label: std::marker::PhantomData,
         })
     }
     pub(crate) fn inc(&self, l: L) {
-        self.vec.with_label_values(&[l.as_str()]).inc();
+        self.series[l.index()].inc();
     }
     pub(crate) fn inc_by(&self, l: L, n: u64) {
         if n > 0 {
-            self.vec.with_label_values(&[l.as_str()]).inc_by(n);
+            self.series[l.index()].inc_by(n);
         }
     }
     #[cfg(test)]
     pub(crate) fn get(&self, l: L) -> u64 {
-        self.vec.with_label_values(&[l.as_str()]).get()
+        self.series[l.index()].get()
     }
 }
 
-/// A counter family with two labels.
+/// A counter family with two labels (series kept as [`Counter1`]'s, at
+/// `a.index() * B::ALL.len() + b.index()`).
 #[derive(Debug, Clone)]
 pub(crate) struct Counter2<A: Label, B: Label> {
-    vec: IntCounterVec,
+    series: std::sync::Arc<[IntCounter]>,
     _labels: std::marker::PhantomData<(A, B)>,
 }
 
@@ -101,13 +110,14 @@ impl<A: Label, B: Label> Counter2<A, B> {
                 .join(", ")
         );
         let vec = IntCounterVec::new(Opts::new(name, help), &[A::NAME, B::NAME])?;
-        for a in A::ALL {
-            for b in B::ALL {
-                vec.with_label_values(&[a.as_str(), b.as_str()]);
-            }
-        }
+        let series = A::ALL
+            .iter()
+            .flat_map(|a| B::ALL.iter().map(move |b| (a, b)))
+            .map(|(a, b)| vec.with_label_values(&[a.as_str(), b.as_str()]))
+            .collect();
+        register(r, vec)?;
         Ok(Counter2 {
-            vec: register(r, vec)?,
+            series,
             _labels: std::marker::PhantomData,
         })
     }
@@ -116,17 +126,15 @@ impl<A: Label, B: Label> Counter2<A, B> {
     }
     pub(crate) fn inc_by(&self, a: A, b: B, n: u64) {
         if n > 0 {
-            self.vec
-                .with_label_values(&[a.as_str(), b.as_str()])
-                .inc_by(n);
+            self.series[a.index() * B::ALL.len() + b.index()].inc_by(n);
         }
     }
 }
 
-/// A histogram family with one label.
+/// A histogram family with one label (series kept as [`Counter1`]'s).
 #[derive(Debug, Clone)]
 pub(crate) struct Histogram1<L: Label> {
-    vec: HistogramVec,
+    series: std::sync::Arc<[Histogram]>,
     _label: std::marker::PhantomData<L>,
 }
 
@@ -140,16 +148,18 @@ impl<L: Label> Histogram1<L> {
         let opts =
             HistogramOpts::new(name, help_with::<L>(help, L::NAME)).buckets(buckets.to_vec());
         let vec = HistogramVec::new(opts, &[L::NAME])?;
-        for l in L::ALL {
-            vec.with_label_values(&[l.as_str()]);
-        }
+        let series = L::ALL
+            .iter()
+            .map(|l| vec.with_label_values(&[l.as_str()]))
+            .collect();
+        register(r, vec)?;
         Ok(Histogram1 {
-            vec: register(r, vec)?,
+            series,
             _label: std::marker::PhantomData,
         })
     }
     pub(crate) fn observe(&self, l: L, v: f64) {
-        self.vec.with_label_values(&[l.as_str()]).observe(v);
+        self.series[l.index()].observe(v);
     }
 }
 

@@ -7,6 +7,8 @@ pub(crate) trait Label: Copy + std::fmt::Debug + Send + Sync + 'static {
     /// Every value, in the order help texts list them.
     const ALL: &'static [Self];
     fn as_str(self) -> &'static str;
+    /// The value's position in [`Label::ALL`].
+    fn index(self) -> usize;
 }
 
 /// Declares a label enum with its values and their exposition strings.
@@ -24,6 +26,10 @@ macro_rules! label {
                 match self {
                     $($ty::$variant => $s),+
                 }
+            }
+            fn index(self) -> usize {
+                // Variants are declared in the order `ALL` lists them.
+                self as usize
             }
         }
     };
@@ -222,6 +228,10 @@ mod tests {
             sorted.sort_unstable();
             sorted.dedup();
             assert_eq!(sorted.len(), all.len(), "{}", L::NAME);
+            // The typed families keep their series at these positions.
+            for (i, l) in L::ALL.iter().enumerate() {
+                assert_eq!(l.index(), i, "{} {}", L::NAME, l.as_str());
+            }
         }
         check::<Route>();
         check::<OpLabel>();
