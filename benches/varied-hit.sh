@@ -6,7 +6,7 @@
 #
 #   bash benches/varied-hit.sh                 # IDS=100000 DURATION=15s CONN=32 BATCHES="20 100"
 #   MAX_BYTES=110MB bash benches/varied-hit.sh # the proxy's cache.max_bytes (default: its default,
-#                                              # 256 MiB, which 100 000 identifiers fill to ~38 %)
+#                                              # 256 MiB, which 100 000 identifiers fill to ~31 %)
 #   SAME_BODY=1 bash benches/varied-hit.sh     # one random batch repeated instead: the response memo
 #                                              # answers it, so this is the proxy's per-request floor
 #   PERF=1 bash benches/varied-hit.sh          # also perf-record the proxy during batch PERF_BATCH (100)

@@ -6,8 +6,9 @@
 //! `cargo run --release --example memprobe -- pad [N] [PAD_BYTES] [MAX_BYTES]` plays a client that
 //! sends `{"operator_type":2,"token_list":["nx-<n>"],"pad":"<PAD_BYTES, unique>"}` N times (default
 //! 100 000 × 4 000 bytes, the largest scope the proxy keys (`limits.max_scope_bytes`), into a
-//! 64 MiB cache): every answer is a negative entry whose key pins its own top-level scope. RSS
-//! must stay within `MAX_BYTES` plus the fixed overhead.
+//! 64 MiB cache): every answer is a negative entry under a key with its own top-level scope. The
+//! store keeps only the key's digest, app tag and name (`cache::key::StoredKey`), so each scope
+//! goes with its request; RSS must stay within `MAX_BYTES` plus the fixed overhead.
 //!
 //! `cargo run --release --example memprobe -- moka [N] [VALUE_BYTES] [expire_after|ttl|plain]`
 //! measures moka's own floor: a `moka::sync::Cache<u128, Arc<[u8]>>` (the compact key) built as
@@ -45,7 +46,7 @@ fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Negative entries whose keys each pin a large, unique top-level scope.
+/// Negative entries under keys that each carry a large, unique top-level scope.
 async fn pad() {
     let n: usize = arg(2, 100_000);
     let pad_bytes: usize = arg(3, 4_000);
@@ -87,7 +88,7 @@ async fn pad() {
     let after = rss_bytes();
     peak = peak.max(after);
     let mib = |b: u64| b as f64 / 1048576.0;
-    println!("pattern            {n} negative entries, each key pinning a {pad_bytes}-byte scope");
+    println!("pattern            {n} negative entries, each key with a {pad_bytes}-byte scope");
     println!("offered            {:.1} MiB", mib((n * pad_bytes) as u64));
     println!("cache.max_bytes    {:.1} MiB", mib(max_bytes));
     println!("entries kept       {}", store.entry_count());

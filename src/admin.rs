@@ -21,7 +21,7 @@ use prometheus::Registry;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::request::Ident;
+use crate::cache::index::Kind;
 use crate::cache::Names;
 use crate::config::Secret;
 use crate::http::{json_response, text_response, with_type, ProxyBody};
@@ -122,9 +122,9 @@ async fn purge(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
     let mut tokens: Vec<&str> = Vec::new();
     let mut accounts: Vec<&str> = Vec::new();
     for k in &dropped {
-        match &k.ident {
-            Ident::Token(t) => tokens.push(t),
-            Ident::Account { account, .. } => accounts.push(account),
+        match k.kind() {
+            Kind::Token => tokens.push(k.name()),
+            Kind::Account => accounts.push(k.name()),
         }
     }
     for list in [&mut tokens, &mut accounts] {

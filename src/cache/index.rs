@@ -27,7 +27,8 @@ use parking_lot::{Mutex, MutexGuard};
 
 use serde::Deserialize;
 
-use super::{CacheKey, Entry};
+use super::key::StoredKey;
+use super::Entry;
 use crate::api::request::Ident;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,22 +57,22 @@ pub fn kind_and_name(ident: &Ident) -> (Kind, &str) {
 /// words, not four (with its `u64` name, 24 bytes per table slot instead of 32).
 #[derive(Debug)]
 enum Slot {
-    One(CacheKey),
+    One(StoredKey),
     #[allow(clippy::box_collection)] // boxed on purpose: see above
-    Many(Box<Vec<CacheKey>>),
+    Many(Box<Vec<StoredKey>>),
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 16);
 
 impl Slot {
-    fn push(&mut self, key: CacheKey) {
+    fn push(&mut self, key: StoredKey) {
         match self {
             Slot::One(k) => *self = Slot::Many(Box::new(vec![k.clone(), key])),
             Slot::Many(v) => v.push(key),
         }
     }
     /// Removes one occurrence; returns whether the slot is now empty.
-    fn remove(&mut self, key: &CacheKey) -> bool {
+    fn remove(&mut self, key: &StoredKey) -> bool {
         match self {
             Slot::One(k) => k == key,
             Slot::Many(v) => {
@@ -91,7 +92,7 @@ impl Slot {
             }
         }
     }
-    fn keys(&self) -> &[CacheKey] {
+    fn keys(&self) -> &[StoredKey] {
         match self {
             Slot::One(k) => std::slice::from_ref(k),
             Slot::Many(v) => v,
@@ -179,26 +180,33 @@ impl Index {
         self.inner.lock()
     }
 
-    /// The keyed hash of a name of `kind` in `access_id`.
-    pub fn name_hash(&self, access_id: &str, kind: Kind, name: &str) -> u64 {
+    /// The keyed hash of an AccessID: how a [`StoredKey`] names its app. Two apps whose tags
+    /// collided would share names here, which, as for names, can only make an invalidation
+    /// or a purge drop more than it must (probability about 2⁻⁶⁴ per pair of apps).
+    pub fn app_tag(&self, access_id: &str) -> u64 {
+        self.hasher.hash_one(access_id)
+    }
+
+    /// The keyed hash of a name of `kind` in the app tagged `app` (see [`Index::app_tag`]).
+    pub fn name_hash(&self, app: u64, kind: Kind, name: &str) -> u64 {
         let mut h = self.hasher.build_hasher();
-        access_id.hash(&mut h);
+        app.hash(&mut h);
         kind.hash(&mut h);
         name.hash(&mut h);
         h.finish()
     }
 
-    fn relations(&self, key: &CacheKey, entry: &Entry) -> (u64, Vec<u64>) {
-        let (kind, name) = kind_and_name(&key.ident);
-        let own = self.name_hash(&key.access_id, kind, name);
+    fn relations(&self, key: &StoredKey, entry: &Entry) -> (u64, Vec<u64>) {
+        let kind = key.kind();
+        let own = self.name_hash(key.app(), kind, key.name());
         let bound = bound_names(kind, entry)
             .iter()
-            .map(|b| self.name_hash(&key.access_id, kind.other(), b))
+            .map(|b| self.name_hash(key.app(), kind.other(), b))
             .collect();
         (own, bound)
     }
 
-    pub fn add(&self, key: &CacheKey, entry: &Entry) {
+    pub fn add(&self, key: &StoredKey, entry: &Entry) {
         let (own, bound) = self.relations(key, entry);
         let mut inner = self.lock();
         match inner.keys.get_mut(&own) {
@@ -212,7 +220,7 @@ impl Index {
         }
     }
 
-    pub fn remove(&self, key: &CacheKey, entry: &Entry) {
+    pub fn remove(&self, key: &StoredKey, entry: &Entry) {
         let (own, bound) = self.relations(key, entry);
         let mut inner = self.lock();
         if inner
@@ -233,7 +241,7 @@ impl Index {
     }
 
     /// The keys carrying any of these name hashes.
-    pub fn keys_for(&self, hashes: &[u64]) -> Vec<CacheKey> {
+    pub fn keys_for(&self, hashes: &[u64]) -> Vec<StoredKey> {
         let inner = self.lock();
         hashes
             .iter()

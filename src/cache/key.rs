@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::index::{kind_and_name, Kind};
 use crate::api::request::Ident;
 
 /// Everything that can change an identifier's answer. A cheap handle: the cache, the reverse
@@ -79,6 +80,134 @@ impl Eq for KeyData {}
 impl std::hash::Hash for KeyData {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u128(self.digest);
+    }
+}
+
+/// What the store keeps of a key once its answer is cached (moka's key, the reverse index's
+/// entries): the digest, which is all that maps of stored keys compare, plus what invalidation,
+/// moka's eviction listener and the admin's purge report read back: the app's tag (see
+/// [`crate::cache::index::Index::app_tag`]), and the identifier's kind and name.
+///
+/// The other fields of a [`CacheKey`] (the top-level scope, the element's `account_type` and
+/// unknown fields) only tell variants of one name apart, which the digest already does, so they
+/// are not kept: one allocation of 48 bytes plus the name (64 for names up to 16 bytes) instead
+/// of a [`KeyData`] block (112) and the name's own allocation. A stored key pins nothing
+/// else, so a client cannot make an entry hold a large top-level field either.
+#[derive(Clone)]
+pub struct StoredKey(triomphe::ThinArc<StoredHead, u8>);
+
+/// The fixed part of a [`StoredKey`]: 32 bytes, 48 with the block's count and the name's
+/// length (the digest as two words, so the block is 8-aligned and has no padding).
+struct StoredHead {
+    digest: KeyDigest,
+    app: u64,
+    kind: Kind,
+}
+
+/// A key's digest as two words: what moka is probed with for a [`StoredKey`] (a `u128` would
+/// make the block 16-aligned, and 16 bytes larger). Hashes as the `u128` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyDigest([u64; 2]);
+
+impl KeyDigest {
+    pub fn of(digest: u128) -> KeyDigest {
+        KeyDigest([digest as u64, (digest >> 64) as u64])
+    }
+
+    pub fn get(self) -> u128 {
+        let [lo, hi] = self.0;
+        u128::from(lo) | u128::from(hi) << 64
+    }
+}
+
+impl std::hash::Hash for KeyDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(self.get());
+    }
+}
+
+impl std::borrow::Borrow<KeyDigest> for StoredKey {
+    fn borrow(&self) -> &KeyDigest {
+        &self.head().digest
+    }
+}
+
+/// Bytes of a stored key's block before its name.
+pub const STORED_KEY_FIXED_BYTES: usize = 48;
+
+impl StoredKey {
+    /// What the store keeps of `key`, whose app's tag is `app`.
+    pub fn new(key: &CacheKey, app: u64) -> StoredKey {
+        let (kind, name) = kind_and_name(&key.ident);
+        let head = StoredHead {
+            digest: KeyDigest::of(key.digest()),
+            app,
+            kind,
+        };
+        StoredKey(triomphe::ThinArc::from_header_and_slice(
+            head,
+            name.as_bytes(),
+        ))
+    }
+
+    fn head(&self) -> &StoredHead {
+        &self.0.header.header
+    }
+
+    pub fn digest(&self) -> u128 {
+        self.head().digest.get()
+    }
+
+    /// The tag of the key's app.
+    pub fn app(&self) -> u64 {
+        self.head().app
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.head().kind
+    }
+
+    /// The identifier's name (the account or the token).
+    pub fn name(&self) -> &str {
+        // Copied from a `str` in `new`, so always UTF-8.
+        std::str::from_utf8(&self.0.slice).unwrap_or_default()
+    }
+
+    /// Heap bytes the name adds to the block (for the weigher).
+    pub fn name_bytes(&self) -> usize {
+        self.0.slice.len()
+    }
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKey")
+            .field("kind", &self.kind())
+            .field("name", &self.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compared and hashed by digest alone, as [`CacheKey`] is, so moka and the index can be probed
+/// with a digest.
+impl PartialEq for StoredKey {
+    fn eq(&self, other: &StoredKey) -> bool {
+        self.head().digest == other.head().digest
+    }
+}
+
+impl Eq for StoredKey {}
+
+impl std::hash::Hash for StoredKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(self.digest());
+    }
+}
+
+/// A stored key is the key its digest names.
+impl PartialEq<CacheKey> for StoredKey {
+    fn eq(&self, other: &CacheKey) -> bool {
+        self.digest() == other.digest()
     }
 }
 
@@ -337,6 +466,39 @@ mod tests {
             assert_eq!(cache.get(&k.digest()), Some(i as u8));
         }
         assert_eq!(cache.get(&0u128), None);
+    }
+
+    /// What the store keeps of a key stands for it: the same digest, hash and equality (so moka
+    /// and the index find it by digest), the kind and name the admin's report lists, the app
+    /// tag it was given, in a 48-byte block plus the name.
+    #[test]
+    fn a_stored_key_stands_for_its_key() {
+        use std::hash::BuildHasher;
+        const _: () = assert!(std::mem::size_of::<StoredHead>() == 32);
+        const _: () = assert!(std::mem::size_of::<StoredKey>() == 8);
+        let h = foldhash::fast::RandomState::default();
+        let keys = variants();
+        let stored: Vec<StoredKey> = keys.iter().map(|k| StoredKey::new(k, 7)).collect();
+        let cache: moka::sync::Cache<StoredKey, u8, foldhash::fast::RandomState> =
+            moka::sync::Cache::builder().build_with_hasher(Default::default());
+        for (i, (k, s)) in keys.iter().zip(&stored).enumerate() {
+            assert_eq!(s.digest(), k.digest());
+            assert!(*s == *k);
+            assert_eq!(h.hash_one(s), h.hash_one(k.digest()));
+            assert_eq!(h.hash_one(s), h.hash_one(KeyDigest::of(k.digest())));
+            assert_eq!(KeyDigest::of(k.digest()).get(), k.digest());
+            let (kind, name) = kind_and_name(&k.ident);
+            assert_eq!((s.kind(), s.name(), s.app()), (kind, name, 7));
+            assert_eq!(s.name_bytes(), name.len());
+            cache.insert(s.clone(), i as u8);
+        }
+        // Variants of one name are different stored keys.
+        let distinct: std::collections::HashSet<&StoredKey> = stored.iter().collect();
+        assert_eq!(distinct.len(), stored.len());
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(cache.get(&KeyDigest::of(k.digest())), Some(i as u8));
+        }
+        assert_eq!(cache.get(&KeyDigest::of(0)), None);
     }
 
     /// Two keys that differ in any compared field have different shared names.

@@ -20,7 +20,7 @@
 //! reorder its access-order queue for a decision that is not near. From half the budget on, it
 //! takes at least as many bytes of new entries as the cache already holds before anything is
 //! evicted, and the sampled hits of that stretch are what moka decides with. A cache sized with
-//! room for its working set (the default 256 MiB holds ~270 000 identifiers of ~150-byte
+//! room for its working set (the default 256 MiB holds ~340 000 identifiers of ~150-byte
 //! answers) serves its hits without touching moka at all.
 
 use std::sync::atomic::Ordering;
@@ -33,8 +33,8 @@ use tokio::time::Instant;
 
 use super::entry::{Clock, Entry, Lookup, Policy, ENTRY_FIXED_BYTES};
 use super::front::Front;
-use super::index::{bound_names, kind_and_name, Index, Kind, INDEX_BYTES_PER_ENTRY};
-use super::key::{CacheKey, KeyData};
+use super::index::{bound_names, Index, Kind, INDEX_BYTES_PER_ENTRY};
+use super::key::{CacheKey, KeyDigest, StoredKey, STORED_KEY_FIXED_BYTES};
 use crate::api::answer::{Answer, ElementCode};
 use crate::metrics::labels::EvictionCause;
 use crate::metrics::Counter1;
@@ -52,41 +52,32 @@ impl Drop for WriteGuard<'_> {
     }
 }
 
-/// Fixed bytes per entry beyond the key's and element's heap data: the key struct and its
-/// `Arc`'s counts, the entry's fixed part (its element is inline), moka's own bookkeeping
+/// Fixed bytes per entry beyond the name and the element: the stored key's fixed part (its
+/// name is inline), the entry's fixed part (its element is inline), moka's own bookkeeping
 /// (deque nodes, hash table slot, frequency sketch), the reverse index, and the allocator's
 /// rounding. Calibrated with `examples/memprobe.rs` so
 /// that `cache.max_bytes` tracks the process's real memory growth.
-const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<KeyData>()
-    + 16
-    + ENTRY_FIXED_BYTES
-    + MOKA_BYTES_PER_ENTRY
-    + INDEX_BYTES_PER_ENTRY;
+const ENTRY_OVERHEAD_BYTES: usize =
+    STORED_KEY_FIXED_BYTES + ENTRY_FIXED_BYTES + MOKA_BYTES_PER_ENTRY + INDEX_BYTES_PER_ENTRY;
 /// moka's own bookkeeping per entry (~330 B with per-entry expiry, `memprobe moka`),
 /// the read map's slot with its table's slack, and the allocator's rounding (mimalloc, the
-/// binary's allocator): calibrated with `examples/memprobe.rs` at 1 000 000 entries.
-const MOKA_BYTES_PER_ENTRY: usize = 451;
+/// binary's allocator): calibrated with `examples/memprobe.rs` at 100 000 and 1 000 000 entries.
+const MOKA_BYTES_PER_ENTRY: usize = 425;
 
-/// What the cache charges against `cache.max_bytes` for one entry: everything it pins. The
-/// AccessID and the top-level scope are shared by the keys of one request, but each entry is
-/// charged them in full: an entry can outlive its siblings and then pins them alone, and a
-/// client must not be able to pin a large scope (a 900 KB unknown field) for the price of an
-/// identifier. Real requests carry at most a short `account_type` there.
-pub fn weigh(key: &CacheKey, entry: &Entry) -> u32 {
-    let bytes = ENTRY_OVERHEAD_BYTES
-        + key.ident.heap_bytes()
-        + key.access_id.len()
-        + key.top_scope.as_ref().map_or(0, |s| s.len())
-        + entry.element().map_or(0, <[u8]>::len);
+/// What the cache charges against `cache.max_bytes` for one entry: everything it pins, which
+/// is its stored key (with the identifier's name) and its entry (with the element). A stored
+/// key keeps no AccessID or top-level field (see [`StoredKey`]), so nothing else is pinned.
+pub fn weigh<K: Keyed>(key: &K, entry: &Entry) -> u32 {
+    let bytes = ENTRY_OVERHEAD_BYTES + key.name_bytes() + entry.element().map_or(0, <[u8]>::len);
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 struct EntryExpiry;
 
-impl Expiry<CacheKey, Entry> for EntryExpiry {
+impl Expiry<StoredKey, Entry> for EntryExpiry {
     fn expire_after_create(
         &self,
-        _key: &CacheKey,
+        _key: &StoredKey,
         value: &Entry,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
@@ -94,12 +85,38 @@ impl Expiry<CacheKey, Entry> for EntryExpiry {
     }
     fn expire_after_update(
         &self,
-        _key: &CacheKey,
+        _key: &StoredKey,
         value: &Entry,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.keep())
+    }
+}
+
+/// A key as [`Store::invalidate`] and [`weigh`] see it: one the store was given, or what it
+/// stored of it.
+pub trait Keyed {
+    fn digest(&self) -> u128;
+    /// Bytes of the identifier's name (what a stored key keeps inline).
+    fn name_bytes(&self) -> usize;
+}
+
+impl Keyed for CacheKey {
+    fn digest(&self) -> u128 {
+        CacheKey::digest(self)
+    }
+    fn name_bytes(&self) -> usize {
+        self.ident.name().len()
+    }
+}
+
+impl Keyed for StoredKey {
+    fn digest(&self) -> u128 {
+        StoredKey::digest(self)
+    }
+    fn name_bytes(&self) -> usize {
+        StoredKey::name_bytes(self)
     }
 }
 
@@ -139,7 +156,7 @@ fn record_hit(entry: &Entry, sampling: bool) -> bool {
 
 #[derive(Clone)]
 pub struct Store {
-    cache: Cache<CacheKey, Entry, KeyHasher>,
+    cache: Cache<StoredKey, Entry, KeyHasher>,
     front: Arc<Front>,
     policy: Policy,
     clock: Clock,
@@ -176,9 +193,9 @@ impl Store {
         let listener_front = front.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(weigh)
+            .weigher(weigh::<StoredKey>)
             .expire_after(EntryExpiry)
-            .eviction_listener(move |key: Arc<CacheKey>, entry: Entry, cause| {
+            .eviction_listener(move |key: Arc<StoredKey>, entry: Entry, cause| {
                 listener_front.remove_if_same(key.digest(), &entry);
                 listener_index.remove(&key, &entry);
                 if let Some(c) = &evictions {
@@ -252,11 +269,12 @@ impl Store {
     /// probed with the digest alone (a key hashes and compares as its digest).
     fn classify(&self, digest: u128, entry: Option<Entry>, now: Instant, sampling: bool) -> Lookup {
         let Some(entry) = entry else {
-            let _ = self.cache.get(&digest); // moka counts every miss (see the module's notes)
+            // moka counts every miss (see the module's notes)
+            let _ = self.cache.get(&KeyDigest::of(digest));
             return Lookup::Miss;
         };
         if record_hit(&entry, sampling) {
-            let _ = self.cache.get(&digest);
+            let _ = self.cache.get(&KeyDigest::of(digest));
         }
         if let ElementCode::Other(_) = entry.code() {
             // Never stored (see `Policy::lifetime`), but a lookup must not guess.
@@ -302,7 +320,7 @@ impl Store {
         // have run before the insert. Looking again closes that gap.
         if self.index.epoch(&app) != epoch {
             self.front.remove(check.digest());
-            self.cache.invalidate(&check);
+            self.cache.invalidate(&KeyDigest::of(check.digest()));
             return (entry, true);
         }
         (entry, false)
@@ -327,6 +345,7 @@ impl Store {
     ) -> Entry {
         let (entry, cacheable) = self.policy.entry(answer, self.clock.now(), fresh_for);
         if let (Some(key), true) = (key, cacheable) {
+            let key = StoredKey::new(&key, self.index.app_tag(&key.access_id));
             self.index.add(&key, &entry);
             // The read map first: moka's removal notice for this entry (a rejection, an
             // eviction) may come at once and must find it.
@@ -343,17 +362,17 @@ impl Store {
         app: &Arc<str>,
         tokens: &[String],
         accounts: &[String],
-    ) -> Vec<CacheKey> {
+    ) -> Vec<StoredKey> {
         let named = self.name_hashes(app, tokens, accounts);
         let mut keys = self.index.keys_for(&named);
         let mut related = self.index.listed_by(&named);
         for k in &keys {
             if let Some(entry) = self.front.get(k.digest()) {
-                let (kind, _) = kind_and_name(&k.ident);
+                let kind = k.kind();
                 related.extend(
                     bound_names(kind, &entry)
                         .iter()
-                        .map(|b| self.index.name_hash(app, kind.other(), b)),
+                        .map(|b| self.index.name_hash(k.app(), kind.other(), b)),
                 );
             }
         }
@@ -364,12 +383,13 @@ impl Store {
     }
 
     /// Only the keys carrying exactly these names (operator purges).
-    pub fn named(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<CacheKey> {
+    pub fn named(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<StoredKey> {
         self.index
             .keys_for(&self.name_hashes(app, tokens, accounts))
     }
 
     fn name_hashes(&self, app: &Arc<str>, tokens: &[String], accounts: &[String]) -> Vec<u64> {
+        let app = self.index.app_tag(app);
         tokens
             .iter()
             .map(|t| self.index.name_hash(app, Kind::Token, t))
@@ -381,12 +401,14 @@ impl Store {
             .collect()
     }
 
-    /// Drops these keys. Returns how many were present.
-    pub async fn invalidate(&self, keys: &[CacheKey]) -> usize {
+    /// Drops these keys (stored keys, or the keys they were stored under). Returns how many
+    /// were present.
+    pub async fn invalidate<K: Keyed>(&self, keys: &[K]) -> usize {
         let mut n = 0;
         for k in keys {
-            self.front.remove(k.digest());
-            if self.cache.remove(k).is_some() {
+            let digest = k.digest();
+            self.front.remove(digest);
+            if self.cache.remove(&KeyDigest::of(digest)).is_some() {
                 n += 1;
             }
         }
@@ -394,11 +416,12 @@ impl Store {
     }
 
     /// Drops every entry of `access_id`; returns the identifiers dropped.
-    pub async fn purge_app(&self, access_id: &str) -> Vec<CacheKey> {
-        let keys: Vec<CacheKey> = self
+    pub async fn purge_app(&self, access_id: &str) -> Vec<StoredKey> {
+        let app = self.index.app_tag(access_id);
+        let keys: Vec<StoredKey> = self
             .cache
             .iter()
-            .filter(|(k, _)| &*k.access_id == access_id)
+            .filter(|(k, _)| k.app() == app)
             .map(|(k, _)| (*k).clone())
             .collect();
         let mut dropped = Vec::with_capacity(keys.len());

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use entry::{Clock, Entry, Lookup, Policy};
-pub use key::{CacheKey, KeyPrefix};
+pub use key::{CacheKey, KeyPrefix, StoredKey};
 pub use local::{weigh, Store, RECORDED_IN_FULL, RECORD_EVERY};
 pub(crate) use metrics::CacheMetrics;
 
@@ -249,7 +249,7 @@ impl Cache {
         app: &Arc<str>,
         names: Names<'_>,
         source: InvalidationSource,
-    ) -> (Vec<CacheKey>, usize) {
+    ) -> (Vec<StoredKey>, usize) {
         let write = self.local.begin_write(app);
         if let Some(fleet) = &self.fleet {
             let (tokens, accounts, all) = match names {
@@ -279,7 +279,7 @@ impl Cache {
         (keys, dropped)
     }
 
-    async fn drop_local(&self, app: &Arc<str>, names: Names<'_>) -> (Vec<CacheKey>, usize) {
+    async fn drop_local(&self, app: &Arc<str>, names: Names<'_>) -> (Vec<StoredKey>, usize) {
         match names {
             Names::All => {
                 let keys = self.local.purge_app(app).await;
