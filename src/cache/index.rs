@@ -1,7 +1,7 @@
 //! What is cached, by name, so a write can find every entry it can make wrong:
 //!
-//! - `keys`: the hash of (app, kind, name) → the cache keys carrying that name (every
-//!   `account_type`, top-level field and extra-field variant);
+//! - `keys`: the hash of (app tag, kind, name) → the stored keys carrying that name (every
+//!   `account_type`, top-level field and extra-field variant; see [`StoredKey`]);
 //! - `reverse`: (hash of a name, hash of a cached entry's own name) for every name an entry's
 //!   element binds it to (an account entry's tokens, a token entry's accounts). The forward
 //!   direction (what a cached entry itself lists) is read from the entry when needed.
