@@ -21,7 +21,7 @@ use prometheus::Registry;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::cache::index::Kind;
+use crate::cache::key::Kind;
 use crate::cache::Names;
 use crate::config::Secret;
 use crate::http::{json_response, text_response, with_type, ProxyBody};

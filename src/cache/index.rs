@@ -27,31 +27,8 @@ use parking_lot::{Mutex, MutexGuard};
 
 use serde::Deserialize;
 
-use super::key::StoredKey;
+use super::key::{Kind, StoredKey};
 use super::Entry;
-use crate::api::request::Ident;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Account,
-    Token,
-}
-
-impl Kind {
-    pub fn other(self) -> Kind {
-        match self {
-            Kind::Account => Kind::Token,
-            Kind::Token => Kind::Account,
-        }
-    }
-}
-
-pub fn kind_and_name(ident: &Ident) -> (Kind, &str) {
-    match ident {
-        Ident::Account { account, .. } => (Kind::Account, account),
-        Ident::Token(t) => (Kind::Token, t),
-    }
-}
 
 /// The keys under one name: almost always exactly one. The rare list is boxed so a slot is two
 /// words, not four (with its `u64` name, 24 bytes per table slot instead of 32).

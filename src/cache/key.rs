@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::index::{kind_and_name, Kind};
 use crate::api::request::Ident;
 
 /// Everything that can change an identifier's answer. A cheap handle: the cache, the reverse
@@ -80,6 +79,30 @@ impl Eq for KeyData {}
 impl std::hash::Hash for KeyData {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u128(self.digest);
+    }
+}
+
+/// Which way an identifier asks: an account (for its tokens) or a token (for its accounts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Account,
+    Token,
+}
+
+impl Kind {
+    pub fn other(self) -> Kind {
+        match self {
+            Kind::Account => Kind::Token,
+            Kind::Token => Kind::Account,
+        }
+    }
+}
+
+/// An identifier's kind and name.
+pub fn kind_and_name(ident: &Ident) -> (Kind, &str) {
+    match ident {
+        Ident::Account { account, .. } => (Kind::Account, account),
+        Ident::Token(t) => (Kind::Token, t),
     }
 }
 

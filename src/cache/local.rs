@@ -33,8 +33,8 @@ use tokio::time::Instant;
 
 use super::entry::{Clock, Entry, Lookup, Policy, ENTRY_FIXED_BYTES};
 use super::front::Front;
-use super::index::{bound_names, Index, Kind, INDEX_BYTES_PER_ENTRY};
-use super::key::{CacheKey, KeyDigest, StoredKey, STORED_KEY_FIXED_BYTES};
+use super::index::{bound_names, Index, INDEX_BYTES_PER_ENTRY};
+use super::key::{CacheKey, KeyDigest, Kind, StoredKey, STORED_KEY_FIXED_BYTES};
 use crate::api::answer::{Answer, ElementCode};
 use crate::metrics::labels::EvictionCause;
 use crate::metrics::Counter1;
