@@ -66,8 +66,8 @@ print(f"warm: {ids} identifiers cached")
 EOF
 
 metric() { curl -s "http://127.0.0.1:$ADMIN/metrics" | awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { printf "%d", s }'; }
-# How full the cache's byte budget is: from half of it on, moka is told of 1 hit in 16
-# (src/cache/local.rs); below, of none after an entry's first two.
+# How full the cache's byte budget is: from half of it on, moka is told of 1 hit in 32
+# (src/cache/local.rs); below, of none after an entry's first three.
 curl -s "http://127.0.0.1:$ADMIN/metrics" >/dev/null
 echo "cache: $(metric tpns_cache_weighted_bytes) bytes weighed, max_bytes ${MAX_BYTES:-default}"
 
