@@ -581,8 +581,9 @@ fn plain_token_query<'a>(body: &'a [u8], limits: &Limits) -> Option<QueryRequest
     if skip_ws(b, i) != b.len() {
         return None;
     }
-    let mut items = Vec::with_capacity(list.as_ref()?.len());
-    for (pos, (raw, name)) in list?.into_iter().enumerate() {
+    let list = list?;
+    let mut items = Vec::with_capacity(list.len());
+    for (pos, (raw, name)) in list.into_iter().enumerate() {
         check_identifier(name, "token_list", pos, limits).ok()?;
         items.push(Item {
             ident: Ident::Token(Cow::Borrowed(name)),

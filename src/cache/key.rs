@@ -39,7 +39,7 @@ pub struct KeyData {
     /// The app (Basic user / AccessId).
     pub access_id: Arc<str>,
     /// Canonical top-level fields other than `operator_type` and the list (see
-    /// [`crate::api::query::QueryRequest::top_scope`]); shared by a whole request.
+    /// [`crate::api::request::QueryRequest::top_scope`]); shared by a whole request.
     pub top_scope: Option<Arc<str>>,
     pub ident: Ident,
 }
@@ -148,8 +148,9 @@ impl std::borrow::Borrow<KeyDigest> for StoredKey {
     }
 }
 
-/// Bytes of a stored key's block before its name.
-pub const STORED_KEY_FIXED_BYTES: usize = 48;
+/// Bytes of a stored key's block before its name: the count, the head, the name's length (as
+/// [`crate::cache::entry::ENTRY_FIXED_BYTES`] counts an entry's).
+pub const STORED_KEY_FIXED_BYTES: usize = 8 + std::mem::size_of::<StoredHead>() + 8;
 
 impl StoredKey {
     /// What the store keeps of `key`, whose app's tag is `app`.

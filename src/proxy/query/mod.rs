@@ -32,6 +32,7 @@ use crate::api::answer::{stitch, top_level_code};
 use crate::api::error::{whole_seconds, ClientError};
 use crate::api::request::{parse_query, Limits, Parsed};
 use crate::api::{code, ErrorShape};
+use crate::cache::Entry;
 use crate::fetch::FetchError;
 use crate::http::{json_response, HeldBody, ProxyBody, CACHE_STATUS};
 use crate::metrics::labels::{BypassReason, LookupOutcome, RequestOutcome};
@@ -322,7 +323,7 @@ fn respond(
         served,
         all_fresh,
     } = answers;
-    let ordered: Vec<&crate::cache::Entry> = plan.positions.iter().map(|&i| &entries[i]).collect();
+    let ordered: Vec<&Entry> = plan.positions.iter().map(|&i| &entries[i]).collect();
     let q = &proxy.config.query;
     let ret_code = top_level_code(
         ordered.iter().map(|a| a.code()),
