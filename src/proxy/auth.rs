@@ -14,13 +14,19 @@
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
-use http::header::AUTHORIZATION;
+use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderMap, HeaderValue};
 use sha2::Sha256;
 
 use crate::config::{AuthScheme, Keys};
 pub(crate) use crate::trust::Fingerprint;
 use crate::upstream::{unix_seconds, Auth as UpstreamAuth};
+
+/// The signature scheme's headers, as names built once: looking a header up by a `&str`
+/// parses and checks the name on every call.
+pub(crate) const ACCESS_ID: HeaderName = HeaderName::from_static("accessid");
+pub(crate) const TIMESTAMP: HeaderName = HeaderName::from_static("timestamp");
+pub(crate) const SIGN: HeaderName = HeaderName::from_static("sign");
 
 /// What the client's headers say about who it is.
 #[derive(Debug, Clone)]
@@ -116,7 +122,7 @@ impl Credentials {
     }
 
     pub(crate) fn classify(&self, headers: &HeaderMap) -> ClientAuth {
-        if ["sign", "accessid", "timestamp"]
+        if [&SIGN, &ACCESS_ID, &TIMESTAMP]
             .iter()
             .any(|h| headers.contains_key(*h))
         {
@@ -135,9 +141,10 @@ impl Credentials {
         if values.next().is_some() {
             return ClientAuth::Unscoped(Unscoped::Malformed);
         }
-        match tpns_wire::basic::decode(value.as_bytes()) {
-            Some((user, _)) => ClientAuth::Basic {
-                access_id: Arc::from(user),
+        // Only the AccessID is kept: the secret is read in place and wiped (`decode_with`).
+        match tpns_wire::basic::decode_with(value.as_bytes(), |user, _| Arc::<str>::from(user)) {
+            Some(access_id) => ClientAuth::Basic {
+                access_id,
                 fingerprint: self.fingerprint(value.as_bytes()),
             },
             None => ClientAuth::Unscoped(Unscoped::Malformed),
@@ -145,7 +152,7 @@ impl Credentials {
     }
 
     fn classify_signed(&self, headers: &HeaderMap) -> ClientAuth {
-        let get = |name: &str| {
+        let get = |name: &HeaderName| {
             let mut all = headers.get_all(name).iter();
             match (all.next(), all.next()) {
                 (Some(v), None) => v.to_str().ok().map(str::to_owned),
@@ -153,7 +160,7 @@ impl Credentials {
             }
         };
         let (Some(access_id), Some(timestamp), Some(sign)) =
-            (get("accessid"), get("timestamp"), get("sign"))
+            (get(&ACCESS_ID), get(&TIMESTAMP), get(&SIGN))
         else {
             return ClientAuth::Unscoped(Unscoped::Signature);
         };

@@ -16,7 +16,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-use super::auth::ClientAuth;
+use super::auth::{self, ClientAuth};
 use super::passthrough::forward_read;
 use super::status::CacheStatus;
 use super::{error_response, Proxy};
@@ -79,7 +79,7 @@ fn app_of(
 ) -> (Option<Arc<str>>, bool, Option<UpstreamAuth>) {
     let headers = req.headers();
     let has_basic = headers.contains_key(http::header::AUTHORIZATION);
-    let signature_headers = ["accessid", "timestamp", "sign"]
+    let signature_headers = [&auth::ACCESS_ID, &auth::TIMESTAMP, &auth::SIGN]
         .iter()
         .filter(|h| headers.contains_key(**h))
         .count();
@@ -109,7 +109,7 @@ fn app_of(
             // A signed request of an app whose key we do not hold: the upstream verifies the
             // signature of the unchanged body for the app named in `AccessId`.
             let app = headers
-                .get("accessid")
+                .get(&auth::ACCESS_ID)
                 .and_then(|v| v.to_str().ok())
                 .filter(|s| !s.is_empty())
                 .map(Arc::from);

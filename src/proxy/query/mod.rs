@@ -66,7 +66,9 @@ async fn serve(
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    if let Some(resp) = from_memo(proxy, &scope, &body.bytes, outcome) {
+    // Read once: the memo and the lookups act on the same answer.
+    let trusted = proxy.trust.is_accepted(&scope.fingerprint);
+    if let Some(resp) = from_memo(proxy, &scope, trusted, &body.bytes, outcome) {
         return resp;
     }
     let request = match validate(proxy, &body.bytes) {
@@ -88,9 +90,9 @@ async fn serve(
         }
         Err(e) => return invalid(e, outcome),
     };
-    let plan = plan::plan(proxy, &scope, request, &parts.headers);
+    let plan = plan::plan(proxy, &scope, request, &parts.headers, trusted);
     let looked = plan::look_up(proxy, &scope, plan).await;
-    let answers = match plan::fetch(proxy, looked, outcome).await {
+    let answers = match plan::fetch(proxy, &scope, looked, outcome).await {
         Ok(a) => a,
         Err(failure) => return upstream_failure(proxy, &scope, &failure, outcome),
     };
@@ -146,9 +148,18 @@ fn json_or_absent(headers: &HeaderMap) -> bool {
     let Some(ct) = headers.get(CONTENT_TYPE) else {
         return true;
     };
-    let ct = String::from_utf8_lossy(ct.as_bytes()).to_ascii_lowercase();
-    let essence = ct.split(';').next().unwrap_or("").trim();
-    essence == "application/json" || essence.ends_with("+json")
+    // Compared as bytes, in place: this runs for every query.
+    let essence = ct
+        .as_bytes()
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || essence
+            .len()
+            .checked_sub(5)
+            .is_some_and(|at| essence[at..].eq_ignore_ascii_case(b"+json"))
 }
 
 /// A query the cache does not serve, forwarded unchanged (but for injected credentials).
@@ -227,11 +238,12 @@ fn with_status(mut resp: Response<ProxyBody>, status: CacheStatus) -> Response<P
 fn from_memo(
     proxy: &Proxy,
     scope: &Scope,
+    trusted: bool,
     body: &Bytes,
     outcome: &mut QueryOutcome,
 ) -> Option<Response<ProxyBody>> {
     let memo = proxy.memo.as_ref()?;
-    if !proxy.trust.is_accepted(&scope.fingerprint) {
+    if !trusted {
         // Nothing is served to a credential not (yet) accepted, but the body counts as seen.
         memo.note(&scope.fingerprint, body);
         return None;
@@ -330,7 +342,7 @@ fn respond(
         q.partial_failure_ret_code,
         q.all_failed_ret_code,
     );
-    let stitched = Bytes::from(stitch(plan.ctx.op, ret_code, ordered.iter().copied()));
+    let stitched = Bytes::from(stitch(plan.op, ret_code, ordered.iter().copied()));
     let (status, request) = if !plan.trusted {
         (CacheStatus::Unverified, RequestOutcome::Unverified)
     } else if served.from_cache == served.total {
@@ -353,7 +365,7 @@ fn respond(
                     fresh_until,
                     epoch: plan.epoch,
                     access_id: scope.app.clone(),
-                    op: plan.ctx.op,
+                    op: plan.op,
                     hits: outcome.get(LookupOutcome::Hit),
                     negative_hits: outcome.get(LookupOutcome::NegativeHit),
                 },
@@ -374,5 +386,45 @@ fn answer(body: Bytes, ret_code: i64, status: CacheStatus) -> Response<ProxyBody
 fn learn_refusal(proxy: &Proxy, scope: &Scope, forwarded: &passthrough::Read) {
     if forwarded.ret_code.is_some_and(code::is_auth_failure) {
         proxy.trust.refuse(scope.fingerprint);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What counts as a JSON body: the media type's essence, in any case, with parameters and
+    /// optional whitespace; structured `+json` types too; nothing else.
+    #[test]
+    fn json_content_types() {
+        let mut headers = HeaderMap::new();
+        assert!(json_or_absent(&headers), "none declared");
+        for (ct, json) in [
+            (&b"application/json"[..], true),
+            (b"Application/JSON; charset=utf-8", true),
+            (b" application/json\t;x=y", true),
+            (b"application/problem+json", true),
+            (b"APPLICATION/VND.API+JSON;v=1", true),
+            (b"+json", true),
+            (b"text/plain", false),
+            (b"application/jsonx", false),
+            (b"application/json-seq", false),
+            (b"json", false),
+            (b"", false),
+            (b";application/json", false),
+            (b"application/x-www-form-urlencoded", false),
+            (b"application/json\xff", false),
+        ] {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_bytes(ct).expect("valid value"),
+            );
+            assert_eq!(
+                json_or_absent(&headers),
+                json,
+                "{}",
+                String::from_utf8_lossy(ct)
+            );
+        }
     }
 }

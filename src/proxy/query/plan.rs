@@ -6,11 +6,12 @@ use std::sync::Arc;
 use futures_util::future::join_all;
 use http::header::{ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, HeaderValue};
+use serde_json::value::RawValue;
 
 use super::outcome::QueryOutcome;
 use super::Scope;
 use crate::api::error::UpstreamError;
-use crate::api::request::{Item, QueryRequest};
+use crate::api::request::{Item, Op, QueryRequest};
 use crate::cache::{CacheKey, Entry, Found, KeyPrefix};
 use crate::fetch::{FetchError, RequestContext};
 use crate::metrics::labels::LookupOutcome;
@@ -24,7 +25,13 @@ use crate::upstream::Auth as UpstreamAuth;
 /// the identifiers and elements stay borrowed from the body, and a key (and an owned copy of
 /// the element) is built only for what is fetched or asked of the shared tier.
 pub(super) struct Plan<'a> {
-    pub(super) ctx: Arc<RequestContext>,
+    pub(super) op: Op,
+    /// What an upstream call for this request needs besides its items, kept as parts: most
+    /// requests are answered from the cache, so the [`RequestContext`] (its own allocation,
+    /// the upstream headers, the credentials) is built only when something is fetched.
+    top_scope: Option<Arc<str>>,
+    top_fields: Vec<(String, Box<RawValue>)>,
+    client_headers: &'a HeaderMap,
     /// What the request's keys share (hashed once).
     prefix: KeyPrefix,
     /// The digest of each distinct identifier's key...
@@ -39,6 +46,24 @@ pub(super) struct Plan<'a> {
 }
 
 impl Plan<'_> {
+    /// What an upstream call for this request needs besides its items (taken once: a request
+    /// builds at most one, shared by its refreshes and its fetch).
+    fn context(&mut self, proxy: &Proxy, scope: &Scope) -> Arc<RequestContext> {
+        let auth = proxy
+            .credentials
+            .upstream_auth(&scope.auth, self.client_headers)
+            .unwrap_or_else(|| UpstreamAuth::Header(HeaderValue::from_static("")));
+        Arc::new(RequestContext {
+            fingerprint: scope.fingerprint,
+            access_id: scope.app.clone(),
+            op: self.op,
+            top_scope: self.top_scope.clone(),
+            top_fields: std::mem::take(&mut self.top_fields),
+            headers: upstream_headers(self.client_headers),
+            auth,
+        })
+    }
+
     /// The key of the `i`th distinct identifier.
     fn key(&self, i: usize) -> CacheKey {
         self.prefix
@@ -51,11 +76,14 @@ impl Plan<'_> {
     }
 }
 
+/// `trusted`: whether the upstream accepted the credential recently (read once per request,
+/// by the caller).
 pub(super) fn plan<'a>(
     proxy: &Proxy,
     scope: &Scope,
     request: QueryRequest<'a>,
-    headers: &HeaderMap,
+    headers: &'a HeaderMap,
+    trusted: bool,
 ) -> Plan<'a> {
     let QueryRequest {
         op,
@@ -81,25 +109,16 @@ pub(super) fn plan<'a>(
         positions.push(idx);
     }
     let epoch = proxy.cache.epoch(&scope.app);
-    let auth = proxy
-        .credentials
-        .upstream_auth(&scope.auth, headers)
-        .unwrap_or_else(|| UpstreamAuth::Header(HeaderValue::from_static("")));
     Plan {
-        ctx: Arc::new(RequestContext {
-            fingerprint: scope.fingerprint,
-            access_id: scope.app.clone(),
-            op,
-            top_scope,
-            top_fields,
-            headers: upstream_headers(headers),
-            auth,
-        }),
+        op,
+        top_scope,
+        top_fields,
+        client_headers: headers,
         prefix,
         digests,
         items,
         positions,
-        trusted: proxy.trust.is_accepted(&scope.fingerprint),
+        trusted,
         epoch,
     }
 }
@@ -192,12 +211,13 @@ pub(super) struct Answers<'a> {
 /// lifetime in the background, and lets a stale entry stand in when the upstream cannot answer.
 pub(super) async fn fetch<'a>(
     proxy: &Proxy,
+    scope: &Scope,
     looked: Looked<'a>,
     outcome: &mut QueryOutcome,
 ) -> Result<Answers<'a>, Arc<FetchError>> {
-    let Looked { plan, found } = looked;
+    let Looked { mut plan, found } = looked;
     let total = plan.digests.len();
-    outcome.op = Some(plan.ctx.op);
+    outcome.op = Some(plan.op);
     let mut entries: Vec<Option<Entry>> = vec![None; total];
     let mut stale_fallback: Vec<Option<Entry>> = vec![None; total];
     let (mut revalidate, mut misses) = (Vec::new(), Vec::new());
@@ -227,15 +247,17 @@ pub(super) async fn fetch<'a>(
         }
     }
     let fetcher = &proxy.fetcher;
+    // Built only when something goes upstream (an all-hit request needs none).
+    let ctx = (!revalidate.is_empty() || !misses.is_empty()).then(|| plan.context(proxy, scope));
     let items = |idx: &[usize]| idx.iter().map(|&i| plan.fetch_item(i)).collect();
-    if !revalidate.is_empty() {
-        outcome.refreshes_started += fetcher.refresh(&plan.ctx, items(&revalidate)) as u64;
+    if let Some(ctx) = ctx.as_ref().filter(|_| !revalidate.is_empty()) {
+        outcome.refreshes_started += fetcher.refresh(ctx, items(&revalidate)) as u64;
         outcome.stale_revalidate += revalidate.len() as u64;
         outcome.add(LookupOutcome::Stale, revalidate.len() as u64);
     }
     let mut stale_on_error = 0usize;
-    if !misses.is_empty() {
-        let waiters = fetcher.fetch(&plan.ctx, items(&misses));
+    if let Some(ctx) = ctx.as_ref().filter(|_| !misses.is_empty()) {
+        let waiters = fetcher.fetch(ctx, items(&misses));
         let coalesced = waiters.iter().filter(|(_, joined)| *joined).count() as u64;
         outcome.add(LookupOutcome::Coalesced, coalesced);
         let fresh_misses = misses.len() as u64 - coalesced;
