@@ -11,7 +11,8 @@
 //! `RECORD_EVERY` does (see `tpns_cache::cache::local`), so both are shown.
 //!
 //! Before timing, every entry is read as often as a long-running cache's entries have been
-//! (their first hits are all passed on to moka, see `tpns_cache::cache::RECORDED_IN_FULL`);
+//! (from half the budget on their first hits are all passed on to moka, see
+//! `tpns_cache::cache::RECORDED_IN_FULL`);
 //! `--cold` times a store whose entries have not been read yet; `--per-key` reads the store one
 //! key at a time (`Store::read`) instead of a request's keys at once (`Store::read_many`).
 
@@ -119,7 +120,8 @@ async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f6
     assert_eq!(store.entry_count(), entries as u64, "nothing evicted");
     if std::env::args().all(|a| a != "--cold") {
         // A long-running cache's entries have had their first hits, which moka sees in full
-        // (see `RECORDED_IN_FULL`); a fresh store's have not. Not timed; `--cold` skips it.
+        // from half the budget on (see `RECORDED_IN_FULL`); a fresh store's have not. Not
+        // timed; `--cold` skips it.
         let now = store.clock().now();
         let prefix = KeyPrefix::new(&upstream, app.clone(), None);
         for i in 0..entries {

@@ -3,9 +3,9 @@
 //! the read map in step), read through [`Front`].
 //!
 //! Reads go to the front map; moka is told of a read (a moka `get`, which feeds its frequency
-//! sketch and access order) for every miss, for the first [`RECORDED_IN_FULL`] hits on each
-//! entry, and, once the cache holds half its budget, for one in [`RECORD_EVERY`] hits after
-//! that. moka's admission and eviction compare how often the entry coming in (a miss, always
+//! sketch and access order) for every miss and, once the cache holds half its budget, for the
+//! first [`RECORDED_IN_FULL`] hits on each entry and one in [`RECORD_EVERY`] hits after that.
+//! moka's admission and eviction compare how often the entry coming in (a miss, always
 //! counted) and the coldest entries were asked for, so the reads that decide between them, an
 //! entry's first few, all reach it; the repeated reads of warm and hot entries are sampled, and
 //! those are the reads that cost most (one moka read is ~1.4 µs at 100 000 entries) and tell
@@ -16,14 +16,16 @@
 //! (0.911–0.912× over three traces, above LRU each time; with the first two, one in 32 fell
 //! below LRU), and halves what the sampled reads cost a hit.
 //!
-//! Below half its budget the sampled hits are not sent at all: moka itself keeps no frequency
-//! sketch until a cache reaches half its capacity (`should_enable_frequency_sketch` in moka
-//! 0.12), and no admission or eviction is decided until it is full, so those reads would only
-//! reorder its access-order queue for a decision that is not near. From half the budget on, it
-//! takes at least as many bytes of new entries as the cache already holds before anything is
-//! evicted, and the sampled hits of that stretch are what moka decides with. A cache sized with
-//! room for its working set (the default 256 MiB holds ~340 000 identifiers of ~150-byte
-//! answers) serves its hits without touching moka at all.
+//! Below half its budget no hit is sent at all, an entry's first ones included: moka itself
+//! keeps no frequency sketch until a cache reaches half its capacity
+//! (`should_enable_frequency_sketch` in moka 0.12), and no admission or eviction is decided
+//! until it is full, so those reads would only reorder its access-order queue for a decision
+//! that is not near. An entry's hits are counted from half the budget on, so its first
+//! [`RECORDED_IN_FULL`] hits after that point, when the sketch exists, are the ones moka sees
+//! in full. From half the budget on, it takes at least as many bytes of new entries as the
+//! cache already holds before anything is evicted, and the hits of that stretch are what moka
+//! decides with. A cache sized with room for its working set (the default 256 MiB holds
+//! ~340 000 identifiers of ~150-byte answers) serves its hits without touching moka at all.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,18 +135,19 @@ pub const RECORD_EVERY: u32 = 32;
 /// Hits of an entry that are all passed on to moka.
 pub const RECORDED_IN_FULL: u32 = 3;
 
-/// Whether moka should see this hit on `entry`, when the sampled hits are being sent
-/// (`sampling`, see the module's notes).
+/// Whether moka should see this hit on `entry`; none does while hits are not being sent
+/// (`sampling` false: below half the budget, see the module's notes), and an entry's hits
+/// are counted only while they are.
 fn record_hit(entry: &Entry, sampling: bool) -> bool {
+    if !sampling {
+        return false;
+    }
     // A plain load and store, no read-modify-write: readers racing may lose a count, which
     // only makes the sample a little sparser.
     let n = entry.recorded().load(Ordering::Relaxed);
     if n < RECORDED_IN_FULL {
         entry.recorded().store(n + 1, Ordering::Relaxed);
         return true;
-    }
-    if !sampling {
-        return false;
     }
     thread_local! {
         static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };

@@ -462,17 +462,19 @@ async fn stale_windows_end_exactly_where_the_policy_says() {
     assert_eq!(shared.keep(), Duration::from_secs(5), "4.3 s rounded up");
 }
 
-/// An entry's first hits always reach moka; after them, one in `RECORD_EVERY` does while the
-/// sampled hits are sent, and none does while they are not.
+/// While hits are not sent (below half the budget) none reaches moka, an entry's first ones
+/// included, and none is counted; once they are, an entry's first hits all reach moka, then
+/// one in `RECORD_EVERY`.
 #[test]
-fn first_hits_in_full_then_sampled_only_when_sampling() {
+fn no_hits_below_half_then_first_hits_in_full_then_sampled() {
     let policy = Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60));
     let now = Instant::now();
     let (quiet, _) = policy.entry(ok(), now, None);
-    for _ in 0..RECORDED_IN_FULL {
-        assert!(record_hit(&quiet, false));
-    }
     assert!((0..1000).all(|_| !record_hit(&quiet, false)));
+    // Counted from the point hits are sent: its first ones then go in full.
+    for _ in 0..RECORDED_IN_FULL {
+        assert!(record_hit(&quiet, true));
+    }
 
     let (sampled, _) = policy.entry(ok(), now, None);
     for _ in 0..RECORDED_IN_FULL {
