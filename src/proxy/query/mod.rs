@@ -32,7 +32,6 @@ use crate::api::answer::{stitch, top_level_code};
 use crate::api::error::{whole_seconds, ClientError};
 use crate::api::request::{parse_query, Limits, Parsed};
 use crate::api::{code, ErrorShape};
-use crate::cache::Entry;
 use crate::fetch::FetchError;
 use crate::http::{json_response, HeldBody, ProxyBody, CACHE_STATUS};
 use crate::metrics::labels::{BypassReason, LookupOutcome, RequestOutcome};
@@ -335,14 +334,15 @@ fn respond(
         served,
         all_fresh,
     } = answers;
-    let ordered: Vec<&Entry> = plan.positions.iter().map(|&i| &entries[i]).collect();
+    // Request order (a duplicate answered at each of its positions), read twice, not collected.
+    let ordered = plan.positions.iter().map(|&i| &entries[i]);
     let q = &proxy.config.query;
     let ret_code = top_level_code(
-        ordered.iter().map(|a| a.code()),
+        ordered.clone().map(|a| a.code()),
         q.partial_failure_ret_code,
         q.all_failed_ret_code,
     );
-    let stitched = Bytes::from(stitch(plan.op, ret_code, ordered.iter().copied()));
+    let stitched = Bytes::from(stitch(plan.op, ret_code, ordered));
     let (status, request) = if !plan.trusted {
         (CacheStatus::Unverified, RequestOutcome::Unverified)
     } else if served.from_cache == served.total {

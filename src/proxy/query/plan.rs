@@ -36,8 +36,12 @@ pub(super) struct Plan<'a> {
     prefix: KeyPrefix,
     /// The digest of each distinct identifier's key...
     pub(super) digests: Vec<u128>,
-    /// ...and the identifier with its element as the client wrote it (sent upstream verbatim).
-    items: Vec<Item<'a>>,
+    /// ...and where it first appears in `requested`.
+    first: Vec<usize>,
+    /// The request's identifiers with their elements as the client wrote them (sent upstream
+    /// verbatim), in request order: left where the parser put them, not copied per identifier.
+    requested: Vec<Item<'a>>,
+    /// For each position in the request, its distinct key's index in `digests`.
     pub(super) positions: Vec<usize>,
     /// Whether the upstream accepted the credential recently: only then is the cache read.
     pub(super) trusted: bool,
@@ -64,15 +68,20 @@ impl Plan<'_> {
         })
     }
 
+    /// The `i`th distinct identifier, as the client sent it.
+    fn item(&self, i: usize) -> &Item<'_> {
+        &self.requested[self.first[i]]
+    }
+
     /// The key of the `i`th distinct identifier.
     fn key(&self, i: usize) -> CacheKey {
         self.prefix
-            .key_with_digest(self.digests[i], self.items[i].ident.to_owned_ident())
+            .key_with_digest(self.digests[i], self.item(i).ident.to_owned_ident())
     }
 
     /// The `i`th key with its element, for a fetch.
     fn fetch_item(&self, i: usize) -> (CacheKey, Box<str>) {
-        (self.key(i), Box::from(self.items[i].raw))
+        (self.key(i), Box::from(self.item(i).raw))
     }
 }
 
@@ -93,17 +102,17 @@ pub(super) fn plan<'a>(
     } = request;
     let top_scope: Option<Arc<str>> = top_scope.map(Arc::from);
     let mut digests: Vec<u128> = Vec::with_capacity(requested.len());
-    let mut items: Vec<Item<'a>> = Vec::with_capacity(requested.len());
+    let mut first: Vec<usize> = Vec::with_capacity(requested.len());
     let mut positions: Vec<usize> = Vec::with_capacity(requested.len());
     // Keys are equal exactly when their digests are (see `CacheKey`).
     let mut seen = Distinct::with_capacity(requested.len());
     // What the keys share is hashed once.
     let prefix = KeyPrefix::new(&proxy.upstream_id, scope.app.clone(), top_scope.clone());
-    for item in requested {
+    for (at, item) in requested.iter().enumerate() {
         let digest = prefix.digest(&item.ident);
         let idx = seen.find_or_insert(digest, &digests).unwrap_or_else(|| {
             digests.push(digest);
-            items.push(item);
+            first.push(at);
             digests.len() - 1
         });
         positions.push(idx);
@@ -116,7 +125,8 @@ pub(super) fn plan<'a>(
         client_headers: headers,
         prefix,
         digests,
-        items,
+        first,
+        requested,
         positions,
         trusted,
         epoch,
@@ -219,7 +229,8 @@ pub(super) async fn fetch<'a>(
     let total = plan.digests.len();
     outcome.op = Some(plan.op);
     let mut entries: Vec<Option<Entry>> = vec![None; total];
-    let mut stale_fallback: Vec<Option<Entry>> = vec![None; total];
+    // Only a miss with a stale entry to stand in fills it (most requests have none).
+    let mut stale_fallback: Vec<Option<Entry>> = Vec::new();
     let (mut revalidate, mut misses) = (Vec::new(), Vec::new());
     for (i, f) in found.into_iter().enumerate() {
         match f {
@@ -241,7 +252,10 @@ pub(super) async fn fetch<'a>(
                 entries[i] = Some(e);
             }
             Found::Miss { stale } => {
-                stale_fallback[i] = stale;
+                if let Some(stale) = stale {
+                    stale_fallback.resize(total, None);
+                    stale_fallback[i] = Some(stale);
+                }
                 misses.push(i);
             }
         }
@@ -286,7 +300,7 @@ pub(super) async fn fetch<'a>(
         for (&i, result) in misses.iter().zip(results) {
             match result {
                 Ok(entry) => entries[i] = Some(entry),
-                Err(e) => match stale_fallback[i].take() {
+                Err(e) => match stale_fallback.get_mut(i).and_then(Option::take) {
                     Some(stale) if e.allows_stale() => {
                         stale_on_error += 1;
                         entries[i] = Some(stale);
