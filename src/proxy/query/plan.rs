@@ -316,12 +316,17 @@ pub(super) async fn fetch<'a>(
         }
         outcome.stale_error += stale_on_error as u64;
     }
-    let entries: Vec<Entry> = entries.into_iter().flatten().collect();
-    if entries.len() != total {
-        return Err(Arc::new(FetchError::Upstream(UpstreamError::Malformed(
-            "an identifier was left unanswered".to_owned(),
-        ))));
+    // Sized once (a `flatten` would grow the vector step by step: its length is not known).
+    let mut answered: Vec<Entry> = Vec::with_capacity(total);
+    for e in entries {
+        let Some(e) = e else {
+            return Err(Arc::new(FetchError::Upstream(UpstreamError::Malformed(
+                "an identifier was left unanswered".to_owned(),
+            ))));
+        };
+        answered.push(e);
     }
+    let entries = answered;
     Ok(Answers {
         served: Served {
             from_cache: total - misses.len() + stale_on_error,
