@@ -140,12 +140,13 @@ pub mod basic {
             return None;
         }
         let rest = rest.trim().as_bytes();
+        let need = base64::decoded_len_estimate(rest.len());
         let mut stack = [0u8; STACK_BYTES];
         let mut heap = Vec::new();
-        let buf: &mut [u8] = if base64::decoded_len_estimate(rest.len()) <= STACK_BYTES {
+        let buf: &mut [u8] = if need <= STACK_BYTES {
             &mut stack
         } else {
-            heap.resize(base64::decoded_len_estimate(rest.len()), 0);
+            heap.resize(need, 0);
             &mut heap
         };
         let answer = base64::engine::general_purpose::STANDARD
