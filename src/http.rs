@@ -3,7 +3,9 @@
 //! URL. A leaf: it knows nothing of TPNS or of the cache.
 
 use std::error::Error as StdError;
+use std::future::Future as _;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -153,7 +155,15 @@ where
         .try_acquire_many_owned(reserve)
         .map_err(|_| ReadError::Busy)?;
     let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
-    match tokio::time::timeout(timeout, limited.collect()).await {
+    // Polled once before a timer is armed: a small body usually came with its head and is
+    // read whole here, and then no timer is registered (and removed) for it at all.
+    let mut collect = std::pin::pin!(limited.collect());
+    let first = std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await;
+    let read = match first {
+        Poll::Ready(read) => Ok(read),
+        Poll::Pending => tokio::time::timeout(timeout, collect).await,
+    };
+    match read {
         Err(_) => Err(ReadError::Timeout(timeout)),
         Ok(Ok(collected)) => Ok(HeldBody {
             bytes: collected.to_bytes(),

@@ -16,9 +16,9 @@ use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteG
 
 use super::entry::Entry;
 
-/// Shards: enough that concurrent readers and a writer rarely meet (64: one bit each in a
+/// Shards: enough that concurrent readers and a writer rarely meet (at most 64: one bit each in a
 /// `u64`, see [`Front::get_many`]).
-const SHARDS: usize = 64;
+const SHARDS: usize = 16;
 
 /// How much of an entry [`Front::get_many`] reads ahead: its head and the first lines of its
 /// element (all of a typical ~150-byte element), each a line whose load can start at once.

@@ -52,24 +52,26 @@ pub(crate) struct Proxy {
     pub(crate) query_metrics: QueryMetrics,
 }
 
-/// The TPNS `retCode` of a response, where the proxy knows it (a response extension read by
-/// the router for `tpns_cache_responses_total`).
+/// The TPNS `retCode` of a response, where the proxy knows it (read by the router for
+/// `tpns_cache_responses_total`): a response extension, or returned beside the response by
+/// the cached query path (see [`query::handle`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RetCode(pub i64);
 
 /// Routes one request.
 pub(crate) async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
     let is_post = req.method() == Method::POST;
-    let (route, resp) = if is_post && req.uri().path() == QUERY_PATH {
-        (Route::Query, query::handle(&proxy, req).await)
+    let (route, resp, known) = if is_post && req.uri().path() == QUERY_PATH {
+        let (resp, known) = query::handle(&proxy, req).await;
+        (Route::Query, resp, known)
     } else if is_post && canonical_path(req.uri().path()) == BATCHOPERATE_PATH {
         // Any spelling the upstream may route to batchoperate invalidates (conservative); only
         // the exact query path is cached, other spellings of it pass through unchanged.
-        (Route::Other, batchoperate::handle(&proxy, req).await)
+        (Route::Other, batchoperate::handle(&proxy, req).await, None)
     } else {
-        (Route::Other, passthrough::handle(&proxy, req).await)
+        (Route::Other, passthrough::handle(&proxy, req).await, None)
     };
-    let class = match resp.extensions().get::<RetCode>() {
+    let class = match known.or_else(|| resp.extensions().get::<RetCode>().copied()) {
         Some(c) => RetClass::of_code(c.0),
         None => RetClass::of_status(resp.status()),
     };

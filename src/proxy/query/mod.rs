@@ -42,13 +42,18 @@ use outcome::QueryOutcome;
 
 pub(crate) use metrics::QueryMetrics;
 
-/// Serves one query, and counts it.
-pub(crate) async fn handle(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<ProxyBody> {
+/// Serves one query, and counts it. With the response, its `retCode` when the answer was
+/// made here on the cached path (the router counts it; other answers carry theirs as a
+/// [`RetCode`] extension, which costs two allocations per response).
+pub(crate) async fn handle(
+    proxy: &Arc<Proxy>,
+    req: Request<Incoming>,
+) -> (Response<ProxyBody>, Option<RetCode>) {
     let started = Instant::now();
     let mut outcome = QueryOutcome::default();
     let resp = serve(proxy, req, &mut outcome).await;
     outcome.emit(proxy, started.elapsed().as_secs_f64());
-    resp
+    (resp, outcome.ret_code.map(RetCode))
 }
 
 async fn serve(
@@ -263,7 +268,7 @@ fn from_memo(
     outcome.add(LookupOutcome::Hit, m.hits);
     outcome.add(LookupOutcome::NegativeHit, m.negative_hits);
     outcome.request = RequestOutcome::Hit;
-    Some(answer(m.body.clone(), m.ret_code, m.cache_status))
+    Some(answer(m.body.clone(), m.ret_code, m.cache_status, outcome))
 }
 
 // ---------------------------------------------------------------- validate
@@ -297,7 +302,7 @@ fn upstream_failure(
                 json_response(StatusCode::OK, body.clone()),
                 CacheStatus::UpstreamRefused,
             );
-            resp.extensions_mut().insert(RetCode(*ret_code));
+            outcome.ret_code = Some(*ret_code);
             if *ret_code == code::RATE_LIMITED {
                 // What is left of the cool-down this answer started, rounded up.
                 let left = proxy
@@ -372,13 +377,17 @@ fn respond(
             );
         }
     }
-    answer(stitched, ret_code, status)
+    answer(stitched, ret_code, status, outcome)
 }
 
-fn answer(body: Bytes, ret_code: i64, status: CacheStatus) -> Response<ProxyBody> {
-    let mut resp = with_status(json_response(StatusCode::OK, body), status);
-    resp.extensions_mut().insert(RetCode(ret_code));
-    resp
+fn answer(
+    body: Bytes,
+    ret_code: i64,
+    status: CacheStatus,
+    outcome: &mut QueryOutcome,
+) -> Response<ProxyBody> {
+    outcome.ret_code = Some(ret_code);
+    with_status(json_response(StatusCode::OK, body), status)
 }
 
 /// A forwarded query's answer says the upstream refused the credential: remembered as on the

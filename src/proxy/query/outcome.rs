@@ -18,6 +18,8 @@ pub(crate) struct QueryOutcome {
     /// The memo saw this body lately (see [`super::memo::Recall::Seen`]): worth memoizing.
     pub(crate) memo_seen: bool,
     pub(crate) request: RequestOutcome,
+    /// The answer's `retCode`, when this path made the answer (see [`super::handle`]).
+    pub(crate) ret_code: Option<i64>,
 }
 
 impl Default for QueryOutcome {
@@ -31,6 +33,7 @@ impl Default for QueryOutcome {
             memo_hit: false,
             memo_seen: false,
             request: RequestOutcome::Invalid,
+            ret_code: None,
         }
     }
 }
