@@ -239,7 +239,16 @@ impl Front {
         &self.shards[shard_of(digest)]
     }
 
-    /// The entries of a whole request's keys, in order.
+    /// The entries of a whole request's keys, in order (see [`Front::with_many`]).
+    pub(crate) fn get_many(
+        &self,
+        digests: impl Iterator<Item = u128> + Clone,
+    ) -> Vec<Option<Entry>> {
+        self.with_many(digests, |found| found.iter().map(|e| e.cloned()).collect())
+    }
+
+    /// `f` over the entries of a whole request's keys, in order, read in place: no entry is
+    /// cloned (a count taken and dropped per entry, each a locked instruction).
     ///
     /// A hit misses the cache at least twice (the key's bucket, then its entry's lines), and
     /// when each miss sits behind a locked instruction (a shard's read lock, the count's
@@ -247,14 +256,17 @@ impl Front {
     /// more. Here each shard the request needs is read-locked once, in ascending order; then
     /// every key's home bucket is read, then every key probed, then every entry found read
     /// (its head and its element's first lines, see [`TOUCH_BYTES`]), each a loop of plain
-    /// loads that the CPU overlaps; only then are the entries cloned (from cache by now).
+    /// loads that the CPU overlaps; only then does `f` see them (from cache by now).
     ///
-    /// No deadlock: readers take shards in ascending order and writers hold one shard at a
-    /// time and take nothing else meanwhile.
-    pub(crate) fn get_many(
+    /// `f` runs under the shards' read locks, so it must not touch this map or moka (whose
+    /// eviction listener writes here): it should only read the entries. No deadlock otherwise:
+    /// readers take shards in ascending order and writers hold one shard at a time and take
+    /// nothing else meanwhile.
+    pub(crate) fn with_many<R>(
         &self,
         digests: impl Iterator<Item = u128> + Clone,
-    ) -> Vec<Option<Entry>> {
+        f: impl FnOnce(&[Option<&Entry>]) -> R,
+    ) -> R {
         // The shards wanted, as one bit each; locked in ascending order (no table of a guard
         // per shard to fill and drop).
         let mut wanted = 0u64;
@@ -285,7 +297,7 @@ impl Front {
             touched ^= e.touch(TOUCH_BYTES);
         }
         std::hint::black_box(touched);
-        found.into_iter().map(|e| e.cloned()).collect()
+        f(&found)
     }
 
     /// The entry stored under the key with this digest, if any.

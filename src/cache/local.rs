@@ -269,6 +269,44 @@ impl Store {
             .collect()
     }
 
+    /// When every key with these digests holds an entry fresh at `now`: `f` over those
+    /// entries, in order, read in place under the read map's locks (see [`Front::with_many`]:
+    /// no entry cloned, so `f` must only read them), and afterwards moka told of the hits it
+    /// should see, as [`Store::read_many`] tells it. `None`, with nothing recorded, as soon as
+    /// one is missing or not fresh (the caller then takes the general path, whose
+    /// [`Store::read_many`] records what it finds).
+    pub fn with_all_fresh<R>(
+        &self,
+        digests: &[u128],
+        now: Instant,
+        f: impl FnOnce(&[&Entry]) -> R,
+    ) -> Option<R> {
+        let sampling = self.samples_hits();
+        let mut tell_moka: Vec<u128> = Vec::new();
+        let out = self.front.with_many(digests.iter().copied(), |found| {
+            let mut fresh: Vec<&Entry> = Vec::with_capacity(found.len());
+            for e in found {
+                let e = (*e)?;
+                if matches!(e.code(), ElementCode::Other(_)) || now >= e.fresh_until() {
+                    return None;
+                }
+                fresh.push(e);
+            }
+            for (&digest, e) in digests.iter().zip(&fresh) {
+                if record_hit(e, sampling) {
+                    tell_moka.push(digest);
+                }
+            }
+            Some(f(&fresh))
+        })?;
+        // Outside the read map's locks: moka's housekeeping may run its eviction listener,
+        // which writes to the read map.
+        for digest in tell_moka {
+            let _ = self.cache.get(&KeyDigest::of(digest));
+        }
+        Some(out)
+    }
+
     /// What a read of the key with this digest that found `entry` in the read map means at
     /// `now`; tells moka of the read when it should see it (see the module's notes). moka is
     /// probed with the digest alone (a key hashes and compares as its digest).

@@ -421,6 +421,86 @@ async fn reading_a_request_at_once_is_reading_each_key() {
     assert_eq!(hits, 201, "200 stored, one repeated");
 }
 
+/// A request read in place gives the entries reading it key by key gives, in order, when every
+/// key is fresh (negative entries and repeats included), and nothing as soon as one key is
+/// missing, past its lifetime or of another app.
+#[tokio::test(start_paused = true)]
+async fn a_request_read_in_place_only_when_every_key_is_fresh() {
+    let s = store(30);
+    for i in 0..200 {
+        let answer = if i % 2 == 0 { ok() } else { not_found() };
+        s.put(key("a", &format!("t{i}")), answer).await;
+    }
+    s.sync().await;
+    let mut keys: Vec<CacheKey> = (0..200).map(|i| key("a", &format!("t{i}"))).collect();
+    keys.push(keys[7].clone()); // a repeat
+    let digests: Vec<u128> = keys.iter().map(CacheKey::digest).collect();
+    let now = s_now();
+    let same = s.with_all_fresh(&digests, now, |entries| {
+        assert_eq!(entries.len(), keys.len());
+        keys.iter()
+            .zip(entries)
+            .all(|(k, e)| match s.read(k.digest(), now) {
+                Lookup::Fresh(one) => Entry::ptr_eq(&one, e),
+                other => panic!("{:?}: {other:?} alone", k.ident),
+            })
+    });
+    assert_eq!(same, Some(true));
+
+    let refused = |digests: &[u128], now| s.with_all_fresh(digests, now, |_| ()).is_none();
+    let missing = [digests[0], key("a", "never stored").digest()];
+    assert!(refused(&missing, now), "a missing key");
+    assert!(
+        refused(&[key("b", "t0").digest()], now),
+        "another app's name"
+    );
+    // The negative entries' 30 s end first; the positive ones stay fresh for 60 s.
+    let later = now + Duration::from_secs(30);
+    assert!(
+        refused(&digests, later),
+        "negative entries past their lifetime"
+    );
+    assert!(s
+        .with_all_fresh(&[digests[0], digests[2]], later, |_| ())
+        .is_some());
+    assert!(refused(&[digests[0]], now + Duration::from_secs(60)));
+}
+
+/// Once hits are sent to moka, a request read in place counts each of its hits as
+/// `read_many` does, and a refused one (a key missing) counts none: the general path that
+/// follows counts what it finds.
+#[tokio::test]
+async fn a_request_read_in_place_counts_its_hits_only_when_answered() {
+    let policy = Policy::fresh_only(Duration::from_secs(60), Duration::from_secs(60));
+    let one = weigh(
+        &key("a", "t-00"),
+        &policy.entry(ok(), Instant::now(), None).0,
+    ) as u64;
+    let s = Store::new(12 * one, policy, Clock::default());
+    let keys: Vec<CacheKey> = (0..10).map(|i| key("a", &format!("t-{i:02}"))).collect();
+    for k in &keys {
+        s.put(k.clone(), ok()).await;
+    }
+    s.sync().await;
+    assert!(s.samples_hits(), "10 of 12 entries' worth of budget");
+    let digests: Vec<u128> = keys.iter().map(CacheKey::digest).collect();
+    let counted = || -> Vec<u32> {
+        digests
+            .iter()
+            .map(|&d| s.front.get(d).unwrap().recorded().load(Ordering::Relaxed))
+            .collect()
+    };
+    let before = counted();
+    let now = Instant::now();
+    let mut with_a_miss = digests.clone();
+    with_a_miss.push(key("a", "never stored").digest());
+    assert!(s.with_all_fresh(&with_a_miss, now, |_| ()).is_none());
+    assert_eq!(counted(), before, "refused: no hit counted");
+    assert!(s.with_all_fresh(&digests, now, |_| ()).is_some());
+    let after: Vec<u32> = before.iter().map(|n| n + 1).collect();
+    assert_eq!(counted(), after, "answered: each hit counted once");
+}
+
 /// The stale windows are the policy's, counted from the entry's own fresh end, exactly at
 /// their boundaries; moka keeps the entry at least to the end of the last one.
 #[tokio::test(start_paused = true)]

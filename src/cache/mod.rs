@@ -132,6 +132,19 @@ impl Cache {
         });
     }
 
+    /// `f` over this sidecar's entries for the keys with these digests, in order, when every
+    /// one is fresh here (the usual request once the cache is warm), read in place under the
+    /// read map's locks (see [`Store::with_all_fresh`]: `f` must only read them). `None` when
+    /// one is missing or not fresh: then [`Cache::lookup`] looks them up again.
+    pub(crate) fn with_all_fresh<R>(
+        &self,
+        digests: &[u128],
+        f: impl FnOnce(&[&Entry]) -> R,
+    ) -> Option<R> {
+        self.local
+            .with_all_fresh(digests, self.local.clock().now(), f)
+    }
+
     /// Looks the keys with these digests (all of `app`, for a credential the upstream
     /// accepted) up in this sidecar, then what is missing in the shared tier (one round trip).
     /// A shared value is promoted into this sidecar's cache unless a write to the app passed

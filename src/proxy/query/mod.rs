@@ -26,12 +26,13 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::auth::ClientAuth;
-use super::status::CacheStatus;
+use super::status::{CacheStatus, Served};
 use super::{error_response, passthrough, Proxy, RetCode};
 use crate::api::answer::{stitch, top_level_code};
 use crate::api::error::{whole_seconds, ClientError};
 use crate::api::request::{parse_query, Limits, Parsed};
 use crate::api::{code, ErrorShape};
+use crate::cache::Entry;
 use crate::fetch::FetchError;
 use crate::http::{json_response, HeldBody, ProxyBody, CACHE_STATUS};
 use crate::metrics::labels::{BypassReason, LookupOutcome, RequestOutcome};
@@ -95,12 +96,21 @@ async fn serve(
         Err(e) => return invalid(e, outcome),
     };
     let plan = plan::plan(proxy, &scope, request, &parts.headers, trusted);
+    if let Some(resp) = answer_fresh(proxy, &scope, &body.bytes, &plan, outcome) {
+        return resp;
+    }
     let looked = plan::look_up(proxy, &scope, plan).await;
-    let answers = match plan::fetch(proxy, &scope, looked, outcome).await {
+    let plan::Answers {
+        plan,
+        entries,
+        served,
+        all_fresh,
+    } = match plan::fetch(proxy, &scope, looked, outcome).await {
         Ok(a) => a,
         Err(failure) => return upstream_failure(proxy, &scope, &failure, outcome),
     };
-    respond(proxy, &scope, &body.bytes, answers, outcome)
+    let stitched = stitch_entries(proxy, &plan, &entries, all_fresh && outcome.memo_seen);
+    respond(proxy, &scope, &body.bytes, &plan, served, stitched, outcome)
 }
 
 // ---------------------------------------------------------------- scope
@@ -325,29 +335,89 @@ fn upstream_failure(
 
 // ---------------------------------------------------------------- stitch
 
-/// The documented response in request order, its `Cache-Status`, and the memo.
-fn respond(
+/// A request whose every identifier is fresh in this sidecar's cache, the usual one once the
+/// cache is warm: stitched from the entries where they are, with no clone of each entry, no
+/// vectors of lookups and answers, no fetch step. `None` when one is not (or the credential is
+/// not trusted yet): the general path then looks them up again (a few hundred nanoseconds,
+/// next to a fetch).
+fn answer_fresh(
     proxy: &Proxy,
     scope: &Scope,
     body: &Bytes,
-    answers: plan::Answers<'_>,
+    plan: &plan::Plan<'_>,
     outcome: &mut QueryOutcome,
-) -> Response<ProxyBody> {
-    let plan::Answers {
-        plan,
-        entries,
-        served,
-        all_fresh,
-    } = answers;
-    // Request order (a duplicate answered at each of its positions), read twice, not collected.
-    let ordered = plan.positions.iter().map(|&i| &entries[i]);
+) -> Option<Response<ProxyBody>> {
+    if !plan.trusted {
+        return None;
+    }
+    let memoize = outcome.memo_seen;
+    let (stitched, negative) = proxy.cache.with_all_fresh(&plan.digests, |entries| {
+        let negative = entries.iter().filter(|e| e.is_negative()).count();
+        (stitch_entries(proxy, plan, entries, memoize), negative)
+    })?;
+    let total = plan.digests.len();
+    outcome.op = Some(plan.op);
+    outcome.add(LookupOutcome::Hit, (total - negative) as u64);
+    outcome.add(LookupOutcome::NegativeHit, negative as u64);
+    let served = Served {
+        from_cache: total,
+        total,
+        stale: 0,
+        upstream_unavailable: false,
+    };
+    Some(respond(proxy, scope, body, plan, served, stitched, outcome))
+}
+
+/// The documented body for the distinct keys' `entries` (however they are held), in request
+/// order (a duplicate answered at each of its positions).
+struct Stitched {
+    body: Bytes,
+    ret_code: i64,
+    /// When the answer may be memoized: the earliest end of its entries' fresh periods.
+    fresh_until: Option<tokio::time::Instant>,
+}
+
+/// `memoize`: every entry was fresh and the memo saw this body lately (worth keeping).
+fn stitch_entries<E: std::borrow::Borrow<Entry>>(
+    proxy: &Proxy,
+    plan: &plan::Plan<'_>,
+    entries: &[E],
+    memoize: bool,
+) -> Stitched {
+    // Request order, read twice, not collected.
+    let ordered = plan.positions.iter().map(|&i| entries[i].borrow());
     let q = &proxy.config.query;
     let ret_code = top_level_code(
         ordered.clone().map(|a| a.code()),
         q.partial_failure_ret_code,
         q.all_failed_ret_code,
     );
-    let stitched = Bytes::from(stitch(plan.op, ret_code, ordered));
+    let body = Bytes::from(stitch(plan.op, ret_code, ordered));
+    let fresh_until = (memoize && proxy.memo.is_some())
+        .then(|| entries.iter().map(|e| e.borrow().fresh_until()).min())
+        .flatten();
+    Stitched {
+        body,
+        ret_code,
+        fresh_until,
+    }
+}
+
+/// The response, its `Cache-Status`, and the memo.
+fn respond(
+    proxy: &Proxy,
+    scope: &Scope,
+    body: &Bytes,
+    plan: &plan::Plan<'_>,
+    served: Served,
+    stitched: Stitched,
+    outcome: &mut QueryOutcome,
+) -> Response<ProxyBody> {
+    let Stitched {
+        body: stitched,
+        ret_code,
+        fresh_until,
+    } = stitched;
     let (status, request) = if !plan.trusted {
         (CacheStatus::Unverified, RequestOutcome::Unverified)
     } else if served.from_cache == served.total {
@@ -358,24 +428,22 @@ fn respond(
         (CacheStatus::Miss(served), RequestOutcome::Miss)
     };
     outcome.request = request;
-    if let (Some(memo), true) = (&proxy.memo, all_fresh && outcome.memo_seen) {
-        if let Some(fresh_until) = entries.iter().map(|e| e.fresh_until()).min() {
-            memo.put(
-                scope.fingerprint,
-                body.clone(),
-                Memoized {
-                    body: stitched.clone(),
-                    cache_status: status,
-                    ret_code,
-                    fresh_until,
-                    epoch: plan.epoch,
-                    access_id: scope.app.clone(),
-                    op: plan.op,
-                    hits: outcome.get(LookupOutcome::Hit),
-                    negative_hits: outcome.get(LookupOutcome::NegativeHit),
-                },
-            );
-        }
+    if let (Some(memo), Some(fresh_until)) = (&proxy.memo, fresh_until) {
+        memo.put(
+            scope.fingerprint,
+            body.clone(),
+            Memoized {
+                body: stitched.clone(),
+                cache_status: status,
+                ret_code,
+                fresh_until,
+                epoch: plan.epoch,
+                access_id: scope.app.clone(),
+                op: plan.op,
+                hits: outcome.get(LookupOutcome::Hit),
+                negative_hits: outcome.get(LookupOutcome::NegativeHit),
+            },
+        );
     }
     answer(stitched, ret_code, status, outcome)
 }
