@@ -4,7 +4,7 @@
 //! way a memo or a CPU cache could exploit). Prints nanoseconds per identifier. Also a loop for
 //! `perf record`.
 //!
-//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--fill 0.4,0.95] [--batch 100] [--seconds 5] [--cold] [--per-key]`
+//! `cargo run --release --example hitpath -- [--entries 100000,1000000] [--fill 0.4,0.95] [--batch 100] [--seconds 5] [--cold] [--general] [--per-key]`
 //!
 //! `--fill`: how full the store's byte budget is (its `max_bytes` set so the entries weigh that
 //! share of it). Below half, hits do not reach moka at all; from half on, one in
@@ -13,8 +13,11 @@
 //! Before timing, every entry is read as often as a long-running cache's entries have been
 //! (from half the budget on their first hits are all passed on to moka, see
 //! `tpns_cache::cache::RECORDED_IN_FULL`);
-//! `--cold` times a store whose entries have not been read yet; `--per-key` reads the store one
-//! key at a time (`Store::read`) instead of a request's keys at once (`Store::read_many`).
+//! By default a request is answered as the server answers one whose every key is fresh: read
+//! in place under the read map's locks (`Store::with_all_fresh`). `--general` takes the path
+//! of any other request instead (`Store::read_many`: each entry cloned out, then stitched);
+//! `--per-key` that path one key at a time (`Store::read`); `--cold` times a store whose
+//! entries have not been read yet.
 
 /// The server's allocator (see `src/main.rs`), so the figures are the server's.
 #[global_allocator]
@@ -148,6 +151,7 @@ async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f6
         })
         .collect();
     let per_key = std::env::args().any(|a| a == "--per-key");
+    let general = std::env::args().any(|a| a == "--general");
     let started = Instant::now();
     let mut requests = 0usize;
     let mut bytes = 0usize;
@@ -164,20 +168,32 @@ async fn run(entries: usize, fill: f64, batch: usize, duration: Duration) -> (f6
                 .iter()
                 .map(|item| prefix.digest(&item.ident))
                 .collect();
-            let lookups = if per_key {
-                digests.iter().map(|&d| store.read(d, now)).collect()
+            bytes += if per_key || general {
+                // The general path: every lookup cloned out, then stitched.
+                let lookups = if per_key {
+                    digests.iter().map(|&d| store.read(d, now)).collect()
+                } else {
+                    store.read_many(&digests, now)
+                };
+                let found: Vec<tpns_cache::cache::Entry> = lookups
+                    .into_iter()
+                    .map(|l| match l {
+                        Lookup::Fresh(e) => e,
+                        other => panic!("not a hit: {other:?}"),
+                    })
+                    .collect();
+                let code = top_level_code(found.iter().map(|e| e.code()), 1_008_026, 1_008_027);
+                stitch(op, code, found.iter()).len()
             } else {
-                store.read_many(&digests, now)
+                // As the server answers a request whose every key is fresh: in place.
+                store
+                    .with_all_fresh(&digests, now, |found| {
+                        let code =
+                            top_level_code(found.iter().map(|e| e.code()), 1_008_026, 1_008_027);
+                        stitch(op, code, found.iter().copied()).len()
+                    })
+                    .expect("every key a fresh hit")
             };
-            let found: Vec<tpns_cache::cache::Entry> = lookups
-                .into_iter()
-                .map(|l| match l {
-                    Lookup::Fresh(e) => e,
-                    other => panic!("not a hit: {other:?}"),
-                })
-                .collect();
-            let code = top_level_code(found.iter().map(|e| e.code()), 1_008_026, 1_008_027);
-            bytes += stitch(op, code, found.iter()).len();
             requests += 1;
         }
     }
