@@ -17,7 +17,7 @@ use crate::api::answer::{Answer, ElementCode};
 /// Why inline: with the element in an allocation of its own, a hit loads the entry, and only
 /// then knows where the element is: two dependent memory accesses per identifier in a cache
 /// larger than the CPU's (and, at a million entries, two page walks). Here the element's
-/// address is the entry's plus a fixed offset, so `Front::get_many` (`cache::front`) starts
+/// address is the entry's plus a fixed offset, so `Front::with_many` (`cache::front`) starts
 /// loading all of an entry's lines at once, and one allocation (one count, one length, one
 /// allocator rounding) replaces two. The element is kept as bytes: it is always the text of a
 /// JSON value (see [`Entry::element_str`]), and the hit path copies it into the response as
@@ -129,7 +129,7 @@ impl Entry {
     }
 
     /// Reads the entry's lines (its head, and its element up to `max` bytes): for the side
-    /// effect of starting their loads, see [`super::front::Front::get_many`].
+    /// effect of starting their loads, see [`super::front::Front::with_many`].
     pub(crate) fn touch(&self, max: usize) -> usize {
         let text = &self.0.slice;
         let mut sum = self.head().keep_secs as usize;

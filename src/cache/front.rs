@@ -19,10 +19,10 @@ use super::entry::Entry;
 /// Shards: enough that concurrent readers and a writer rarely meet, and few, because a request
 /// read-locks every shard its keys fall in (a batch of 100 keys locks all 16; with 64 it locked
 /// ~50, each a locked instruction: measured 2 % more CPU per request). At most 64: one bit
-/// each in a `u64`, see [`Front::get_many`].
+/// each in a `u64`, see [`Front::with_many`].
 const SHARDS: usize = 16;
 
-/// How much of an entry [`Front::get_many`] reads ahead: its head and the first lines of its
+/// How much of an entry [`Front::with_many`] reads ahead: its head and the first lines of its
 /// element (all of a typical ~150-byte element), each a line whose load can start at once.
 const TOUCH_BYTES: usize = 192;
 
@@ -62,7 +62,7 @@ const _: () = assert!(std::mem::size_of::<Bucket>() == 24);
 /// CPU's caches; here the home bucket holds the digest itself, so a probe is one miss (its
 /// line, and most often nothing further: at most 3/4 full, a hit is found after 2.5 buckets
 /// on average), and that line's address is known from the digest alone, so
-/// [`Front::get_many`] can load all of a request's home buckets before probing any.
+/// [`Front::with_many`] can load all of a request's home buckets before probing any.
 ///
 /// At most 3/4 full (so a probe always meets an empty bucket and ends); doubled when an insert
 /// would pass that. Removal shifts the following run back (no tombstones), so lookups stay as
@@ -107,7 +107,7 @@ impl Table {
     }
 
     /// The first words of `s`'s home bucket and of the bucket two after it: read for their
-    /// side effect only (the lines' loads start, see [`Front::get_many`]). A hit is found
+    /// side effect only (the lines' loads start, see [`Front::with_many`]). A hit is found
     /// within the first three buckets of its run most of the time, and those 72 bytes span
     /// two cache lines whenever the home bucket sits in the back half of its line: touching
     /// only the home bucket left the probe a second miss of its own, paid in turn.
