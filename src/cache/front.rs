@@ -113,7 +113,8 @@ impl Table {
     /// only the home bucket left the probe a second miss of its own, paid in turn.
     fn touch(&self, s: Slot) -> u64 {
         let home = self.home(s);
-        let next = (home + 2) & self.mask();
+        // Wrapping: an empty table's mask is all ones, so `home` can be any value.
+        let next = home.wrapping_add(2) & self.mask();
         self.buckets.get(home).map_or(0, |b| b.lo) ^ self.buckets.get(next).map_or(0, |b| b.lo)
     }
 
@@ -433,6 +434,16 @@ mod tests {
         let e = entry();
         t.insert(pool[0], e.clone());
         assert!(Entry::ptr_eq(t.get(pool[0]).expect("found"), &e));
+    }
+
+    /// Touching reads nothing from an empty table, and never overflows, whatever the digest.
+    #[test]
+    fn touching_an_empty_table_reads_nothing() {
+        let t = Table::default();
+        for lo in [0, 1, u64::MAX - 2, u64::MAX - 1, u64::MAX] {
+            assert_eq!(t.touch(Slot { lo, hi: 7 }), 0);
+            assert!(t.get(Slot { lo, hi: 7 }).is_none());
+        }
     }
 
     #[test]
