@@ -151,6 +151,17 @@ impl Entry {
         from_ns(self.head().fresh_until_ns)
     }
 
+    /// Within its fresh period at `now`.
+    pub fn is_fresh_at(&self, now: Instant) -> bool {
+        now < self.fresh_until()
+    }
+
+    /// Whether its code is one the cache keeps (`"0"`, not found). Another is never stored
+    /// (see `Policy::lifetime`), but a lookup that met one must not guess: it is a miss.
+    pub fn has_kept_code(&self) -> bool {
+        !matches!(self.code(), ElementCode::Other(_))
+    }
+
     pub fn is_negative(&self) -> bool {
         matches!(self.code(), ElementCode::NotFound)
     }
@@ -275,10 +286,10 @@ impl Policy {
     /// What `entry` is worth at `now`: fresh, within stale-while-revalidate, within
     /// stale-if-error, or past all of them.
     pub fn classify(&self, entry: Entry, now: Instant) -> Lookup {
-        let fresh_until = entry.fresh_until();
-        if now < fresh_until {
+        if entry.is_fresh_at(now) {
             return Lookup::Fresh(entry);
         }
+        let fresh_until = entry.fresh_until();
         let past = now.saturating_duration_since(fresh_until);
         if past < self.stale_while_revalidate {
             Lookup::Revalidate(entry)

@@ -39,7 +39,7 @@ use super::entry::{Clock, Entry, Lookup, Policy, ENTRY_FIXED_BYTES};
 use super::front::Front;
 use super::index::{bound_names, Index, INDEX_BYTES_PER_ENTRY};
 use super::key::{CacheKey, KeyDigest, Kind, StoredKey, STORED_KEY_FIXED_BYTES};
-use crate::api::answer::{Answer, ElementCode};
+use crate::api::answer::Answer;
 use crate::metrics::labels::EvictionCause;
 use crate::metrics::Counter1;
 
@@ -287,7 +287,7 @@ impl Store {
             let mut fresh: Vec<&Entry> = Vec::with_capacity(found.len());
             for e in found {
                 let e = (*e)?;
-                if matches!(e.code(), ElementCode::Other(_)) || now >= e.fresh_until() {
+                if !e.has_kept_code() || !e.is_fresh_at(now) {
                     return None;
                 }
                 fresh.push(e);
@@ -319,8 +319,7 @@ impl Store {
         if record_hit(&entry, sampling) {
             let _ = self.cache.get(&KeyDigest::of(digest));
         }
-        if let ElementCode::Other(_) = entry.code() {
-            // Never stored (see `Policy::lifetime`), but a lookup must not guess.
+        if !entry.has_kept_code() {
             return Lookup::Miss;
         }
         self.policy.classify(entry, now)

@@ -1,6 +1,7 @@
 //! Unit tests of [`super`].
 
 use super::*;
+use crate::api::answer::ElementCode;
 use crate::api::request::Ident;
 use serde_json::value::RawValue;
 

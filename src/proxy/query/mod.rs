@@ -351,14 +351,14 @@ fn answer_fresh(
         return None;
     }
     let memoize = outcome.memo_seen;
-    let (stitched, negative) = proxy.cache.with_all_fresh(&plan.digests, |entries| {
-        let negative = entries.iter().filter(|e| e.is_negative()).count();
-        (stitch_entries(proxy, plan, entries, memoize), negative)
+    let stitched = proxy.cache.with_all_fresh(&plan.digests, |entries| {
+        for e in entries {
+            outcome.add_fresh_hit(e);
+        }
+        stitch_entries(proxy, plan, entries, memoize)
     })?;
     let total = plan.digests.len();
     outcome.op = Some(plan.op);
-    outcome.add(LookupOutcome::Hit, (total - negative) as u64);
-    outcome.add(LookupOutcome::NegativeHit, negative as u64);
     let served = Served {
         from_cache: total,
         total,

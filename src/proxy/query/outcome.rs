@@ -1,6 +1,7 @@
 //! What happened to one query, gathered as it is served and counted once at the end.
 
 use crate::api::request::Op;
+use crate::cache::Entry;
 use crate::metrics::labels::{LookupOutcome, RequestOutcome, Route, StaleReason};
 use crate::metrics::Label;
 
@@ -43,6 +44,16 @@ impl QueryOutcome {
         if let Some(i) = LookupOutcome::ALL.iter().position(|o| *o == outcome) {
             self.lookups[i] += n;
         }
+    }
+
+    /// A fresh entry of this sidecar's cache answered one distinct identifier.
+    pub(crate) fn add_fresh_hit(&mut self, entry: &Entry) {
+        let o = if entry.is_negative() {
+            LookupOutcome::NegativeHit
+        } else {
+            LookupOutcome::Hit
+        };
+        self.add(o, 1);
     }
 
     pub(crate) fn get(&self, outcome: LookupOutcome) -> u64 {

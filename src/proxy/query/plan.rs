@@ -235,12 +235,7 @@ pub(super) async fn fetch<'a>(
     for (i, f) in found.into_iter().enumerate() {
         match f {
             Found::Fresh(e) => {
-                let o = if e.is_negative() {
-                    LookupOutcome::NegativeHit
-                } else {
-                    LookupOutcome::Hit
-                };
-                outcome.add(o, 1);
+                outcome.add_fresh_hit(&e);
                 entries[i] = Some(e);
             }
             Found::Shared(e) => {
