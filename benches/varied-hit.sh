@@ -20,7 +20,9 @@
 #                                              # PERF_BATCH (100) (PERF_ARGS="--call-graph dwarf" for Rust call stacks)
 #
 # Needs: target/release/tpns-cache and target/release/examples/loadgen (built when missing),
-# wrk (apt-get install wrk), python3; perf for PERF=1. Prints one row per build and batch size.
+# wrk (apt-get install wrk), python3; perf for PERF=1. Prints one row per build and batch size,
+# with wrk's own CPU per request and the share of the machine left idle: they say which side
+# set the pace (the slower server leaves the client waiting; a fast one waits for the client).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -97,21 +99,30 @@ echo "cache: $(metric "${ADMIN_OF[proxy]}" tpns_cache_weighted_bytes) bytes weig
 
 # CPU time (user + system) a process has used, in microseconds.
 cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000000 / hz }' "/proc/$1/stat"; }
+# CPU time (user + system) this shell's finished children have used, in microseconds, from
+# what bash's `times` wrote to $1 (its second line is the children's; `times` runs in this
+# shell, as in a `$(...)` it would see the subshell's children only).
+children_us() { awk 'NR == 2 { s = 0; for (i = 1; i <= NF; i++) { v = $i; sub(/s$/, "", v); split(v, ms, "m"); s += ms[1] * 60 + ms[2] } printf "%d", s * 1000000 }' "$1"; }
+# The machine's idle and total CPU ticks so far (/proc/stat's first line).
+cpu_ticks() { awk 'NR == 1 { t = 0; for (i = 2; i <= NF; i++) t += $i; printf "%d %d", $5 + $6, t }' /proc/stat; }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-# One wrk round against port $2 (server process $3); appends "req/s p99(ms) CPU-us-per-request" to $1.
+# One wrk round against port $2 (server process $3); appends "req/s p99(ms) server-CPU-us-per-
+# request client-CPU-us-per-request idle-%" to $1. The client's CPU and the idle share say who
+# held the pace: wrk near 100 % of a core with the machine busy is the client's limit; a server
+# at one core's worth with the machine partly idle is the server's.
 round() {
-  local c0 c1 file=$OUT/wrk.txt
-  c0=$(cpu_us "$3")
+  local c0 c1 w0 w1 i0 t0 i1 t1 file=$OUT/wrk.txt
+  times >"$OUT/times"; c0=$(cpu_us "$3"); w0=$(children_us "$OUT/times"); read -r i0 t0 <<<"$(cpu_ticks)"
   wrk -t1 -c"$CONN" -d"$DURATION" --latency -s benches/varied-hit.lua "http://127.0.0.1:$2" >"$file"
-  c1=$(cpu_us "$3")
-  awk -v c=$((c1 - c0)) '
+  times >"$OUT/times"; c1=$(cpu_us "$3"); w1=$(children_us "$OUT/times"); read -r i1 t1 <<<"$(cpu_ticks)"
+  awk -v c=$((c1 - c0)) -v w=$((w1 - w0)) -v idle=$((i1 - i0)) -v total=$((t1 - t0)) '
     /Requests\/sec/ { rps = $2 }
     /requests in/ { n = $1 }
     $1 == "99%" { p = $2; if (p ~ /us$/) p = p / 1000; else if (p ~ /ms$/) p = p + 0; else if (p ~ /s$/) p = p * 1000 }
-    END { printf "%s %.2f %.1f\n", rps, p, c / n }' "$file" >>"$1"
+    END { printf "%s %.2f %.1f %.1f %.0f\n", rps, p, c / n, w / n, total ? 100 * idle / total : 0 }' "$file" >>"$1"
 }
 
-printf '\n%-6s %6s %12s %12s %7s %13s %10s %10s %9s %9s %9s\n' build batch "server req/s" "plain req/s" ratio "ratio range" "p99 ms" "plain p99" "CPU/req" "plain CPU" "ups. ids"
+printf '\n%-6s %6s %12s %12s %7s %13s %10s %10s %9s %9s %11s %6s %9s\n' build batch "server req/s" "plain req/s" ratio "ratio range" "p99 ms" "plain p99" "CPU/req" "plain CPU" "client CPU" "idle" "ups. ids"
 for BATCH in $BATCHES; do
   export BATCH
   # One answer's size, for the plain server.
@@ -152,16 +163,18 @@ EOF
   P=$OUT/rounds-plain-$BATCH.txt
   for n in "${NAMES[@]}"; do
     S=$OUT/rounds-$n-$BATCH.txt
-    ratios=$(paste -d' ' "$S" "$P" | awk '{ print $1 / $4 }')
-    printf '%-6s %6s %12.0f %12.0f %7.2f %13s %10s %10s %8sus %8sus %9d\n' "$n" "$BATCH" \
+    ratios=$(paste -d' ' "$S" "$P" | awk '{ print $1 / $6 }')
+    printf '%-6s %6s %12.0f %12.0f %7.2f %13s %10s %10s %8sus %8sus %11s %6s %9d\n' "$n" "$BATCH" \
       "$(cut -d' ' -f1 "$S" | median)" "$(cut -d' ' -f1 "$P" | median)" \
       "$(echo "$ratios" | median)" "$(echo "$ratios" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }')" \
       "$(cut -d' ' -f2 "$S" | median)" "$(cut -d' ' -f2 "$P" | median)" \
       "$(cut -d' ' -f3 "$S" | median)" "$(cut -d' ' -f3 "$P" | median)" \
+      "$(cut -d' ' -f4 "$S" | median)/$(cut -d' ' -f4 "$P" | median)us" \
+      "$(cut -d' ' -f5 "$S" | median)/$(cut -d' ' -f5 "$P" | median)%" \
       $(($(metric "${ADMIN_OF[$n]}" tpns_cache_upstream_identifiers_total) - BEFORE[$n]))
   done
 done
 echo
-echo "(wrk -t1 -c$CONN, $ROUNDS rounds of $DURATION per server, taking turns; $IDS identifiers cached; answers of the same size from all; medians over the rounds; ratio range: the lowest and highest round; CPU/req: user + system CPU time of the server process per request served; ups. ids: identifiers the build sent upstream during the batch's rounds, 0 when every lookup hit)"
+echo "(wrk -t1 -c$CONN, $ROUNDS rounds of $DURATION per server, taking turns; $IDS identifiers cached; answers of the same size from all; medians over the rounds; ratio range: the lowest and highest round; CPU/req: user + system CPU time of the server process per request served; client CPU: wrk's, per request, against this build / against the plain server; idle: the share of the machine's CPU time left idle during the rounds, same order; ups. ids: identifiers the build sent upstream during the batch's rounds, 0 when every lookup hit)"
 [[ ${PERF:-0} == 1 ]] && echo "profile: perf report -i $OUT/perf-${PERF_BATCH:-100}.data --no-children --percent-limit 1.5"
 exit 0
