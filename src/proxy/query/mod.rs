@@ -431,7 +431,7 @@ fn respond(
     if let (Some(memo), Some(fresh_until)) = (&proxy.memo, fresh_until) {
         memo.put(
             scope.fingerprint,
-            body.clone(),
+            body,
             Memoized {
                 body: stitched.clone(),
                 cache_status: status,
