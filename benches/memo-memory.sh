@@ -24,12 +24,9 @@ OUT=target/memo-memory
 mkdir -p "$OUT"
 [[ -x $BIN ]] || cargo build --release --bin tpns-cache
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+# free_port, wait_port, and PIDS: killed on exit.
+source benches/common.sh
 
 SIM=$(free_port)
 "$BIN" simulate --listen "127.0.0.1:$SIM" --tokens 2000 --accounts 1000 >"$OUT/sim.log" 2>&1 &

@@ -29,12 +29,8 @@ git archive HEAD | tar -x -C "$SRC"
 BIN=$CARGO_TARGET_DIR/release/tpns-cache
 LOADGEN=$CARGO_TARGET_DIR/release/examples/loadgen
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
-cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000000 / hz }' "/proc/$1/stat"; }
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+# free_port, wait_port, cpu_us, and PIDS: killed on exit.
+source benches/common.sh
 
 export AUTH="Basic $(printf '%s' '1500001048:1452fcebae9f3115ba794fb0fff2fd73' | base64)" IDS=100000 BATCH=20
 PLAIN=$(free_port)

@@ -41,12 +41,9 @@ command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)"; exit 
 [[ -x $LOADGEN ]] || cargo build --release --example loadgen
 [[ -z ${BASE_BIN:-} || -x $BASE_BIN ]] || { echo "BASE_BIN=$BASE_BIN is not an executable"; exit 1; }
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+# free_port, wait_port, cpu_us, and PIDS: killed on exit.
+source benches/common.sh
 
 SIM=$(free_port)
 "$BIN" simulate --listen "127.0.0.1:$SIM" --tokens "$IDS" --accounts $((IDS / 2)) >"$OUT/sim.log" 2>&1 &
@@ -97,8 +94,6 @@ metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v m="$2" 'index($0, m) =
 curl -s "http://127.0.0.1:${ADMIN_OF[proxy]}/metrics" >/dev/null
 echo "cache: $(metric "${ADMIN_OF[proxy]}" tpns_cache_weighted_bytes) bytes weighed, max_bytes ${MAX_BYTES:-default}"
 
-# CPU time (user + system) a process has used, in microseconds.
-cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%d", ($14 + $15) * 1000000 / hz }' "/proc/$1/stat"; }
 # CPU time (user + system) this shell's finished children have used, in microseconds, from
 # what bash's `times` wrote to $1 (its second line is the children's; `times` runs in this
 # shell, as in a `$(...)` it would see the subshell's children only).

@@ -50,21 +50,6 @@ fn list(name: &str, default: &str) -> Vec<usize> {
         .collect()
 }
 
-/// xorshift64: cheap, so the draw does not hide the loads.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[derive(Clone, Copy, Default)]
 struct Bucket {
     key: u64,
@@ -81,21 +66,21 @@ struct Table {
 }
 
 impl Table {
-    fn new(n: usize, rng: &mut Rng) -> Table {
+    fn new(n: usize, rng: &mut fastrand::Rng) -> Table {
         let slots = (n * 5 / 2).next_power_of_two();
         let mut buckets = vec![Bucket::default(); slots];
         let mask = slots - 1;
         // Entries in shuffled places, so neighbouring keys are not neighbouring lines.
         let mut place: Vec<usize> = (0..n).collect();
         for i in (1..n).rev() {
-            place.swap(i, rng.below(i + 1));
+            place.swap(i, rng.usize(..=i));
         }
         let mut arena = vec![0u8; n * ENTRY];
         let mut keys = Vec::with_capacity(n);
         for (i, &p) in place.iter().enumerate() {
             let at = p * ENTRY;
             arena[at..at + ENTRY].fill(b'a' + (i % 26) as u8);
-            let key = rng.next() | 1;
+            let key = rng.u64(..) | 1;
             keys.push(key);
             let mut h = key as usize & mask;
             while buckets[h].key != 0 {
@@ -169,7 +154,8 @@ fn main() {
     );
     let mut dependent = Vec::new();
     for n in list("--entries", "100000,1000000") {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        // A cheap seeded generator (wyrand), so the draw does not hide the loads.
+        let mut rng = fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15);
         let table = Table::new(n.max(2), &mut rng);
         for batch in list("--batch", "20,100") {
             let batch = batch.max(1);
@@ -182,7 +168,7 @@ fn main() {
                 while start.elapsed() < run_for {
                     for _ in 0..64 {
                         for k in keys.iter_mut() {
-                            *k = table.keys[rng.below(table.keys.len())];
+                            *k = table.keys[rng.usize(..table.keys.len())];
                         }
                         if way == 0 {
                             table.one_by_one(&keys, &mut out);
@@ -204,7 +190,7 @@ fn main() {
         // value.
         let mut order: Vec<usize> = (0..table.keys.len()).collect();
         for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
+            order.swap(i, rng.usize(..=i));
         }
         // Each entry's first 4 bytes name the next entry of the ring.
         let mut arena = table.arena;
