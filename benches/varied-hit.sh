@@ -41,7 +41,6 @@ command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)"; exit 
 [[ -x $LOADGEN ]] || cargo build --release --example loadgen
 [[ -z ${BASE_BIN:-} || -x $BASE_BIN ]] || { echo "BASE_BIN=$BASE_BIN is not an executable"; exit 1; }
 
-
 # free_port, wait_port, cpu_us, and PIDS: killed on exit.
 source benches/common.sh
 
