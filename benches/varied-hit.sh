@@ -16,7 +16,7 @@
 #                                              # 256 MiB, which 100 000 identifiers fill to ~31 %)
 #   SAME_BODY=1 bash benches/varied-hit.sh     # one random batch repeated instead: the response memo
 #                                              # answers it, so this is the proxy's per-request floor
-#   PERF=1 bash benches/varied-hit.sh          # also perf-record the proxy during its first round of batch
+#   PERF=1 bash benches/varied-hit.sh          # also perf-record the proxy during round PERF_ROUND (1) of batch
 #                                              # PERF_BATCH (100) (PERF_ARGS="--call-graph dwarf" for Rust call stacks)
 #
 # Needs: target/release/tpns-cache and target/release/examples/loadgen (built when missing),
@@ -143,7 +143,7 @@ EOF
   : >"$OUT/rounds-plain-$BATCH.txt"
   for r in $(seq "$ROUNDS"); do
     for n in "${NAMES[@]}"; do
-      if [[ ${PERF:-0} == 1 && $BATCH == "${PERF_BATCH:-100}" && $r == 1 && $n == proxy ]]; then
+      if [[ ${PERF:-0} == 1 && $BATCH == "${PERF_BATCH:-100}" && $r == "${PERF_ROUND:-1}" && $n == proxy ]]; then
         # shellcheck disable=SC2086
         perf record -F 499 ${PERF_ARGS:--g} -p "${PID_OF[proxy]}" -o "$OUT/perf-$BATCH.data" -- sleep "${DURATION%s}" >/dev/null 2>&1 &
         PERF_PID=$!
