@@ -459,63 +459,65 @@ mod tests {
     fn readers_of_many_shards_and_writers_neither_deadlock_nor_mix_keys() {
         use std::sync::{mpsc, Arc};
         const KEYS: usize = 256;
+        /// What every thread reads: the map, the keys, and the two entries each key may hold
+        /// (and nothing else).
+        struct Shared {
+            front: Front,
+            digests: Vec<u128>,
+            candidates: Vec<[Entry; 2]>,
+        }
         let mut rng = Rng(0x5eed);
-        let digests: Arc<Vec<u128>> = Arc::new(
-            (0..KEYS)
+        let shared = Arc::new(Shared {
+            front: Front::default(),
+            digests: (0..KEYS)
                 .map(|_| (u128::from(rng.next()) << 64) | u128::from(rng.next() % 32))
                 .collect(),
-        );
-        // Two entries each key may hold, and nothing else.
-        let candidates: Arc<Vec<[Entry; 2]>> =
-            Arc::new((0..KEYS).map(|_| [entry(), entry()]).collect());
-        let front = Arc::new(Front::default());
+            candidates: (0..KEYS).map(|_| [entry(), entry()]).collect(),
+        });
         let (done, finished) = mpsc::channel::<()>();
+        // Runs `work` on a thread of its own, which says when it is done.
+        let spawn = |work: Box<dyn FnOnce(&Shared) + Send>| {
+            let (shared, done) = (shared.clone(), done.clone());
+            std::thread::spawn(move || {
+                work(&shared);
+                let _ = done.send(());
+            })
+        };
         let mut threads = Vec::new();
         for r in 0..4u64 {
-            let (front, digests, candidates, done) = (
-                front.clone(),
-                digests.clone(),
-                candidates.clone(),
-                done.clone(),
-            );
-            threads.push(std::thread::spawn(move || {
+            threads.push(spawn(Box::new(move |s: &Shared| {
                 let mut rng = Rng(0x1000 + r);
                 for _ in 0..3_000 {
                     let picked: Vec<usize> = (0..20)
                         .map(|_| (rng.next() % KEYS as u64) as usize)
                         .collect();
-                    front.with_many(picked.iter().map(|&k| digests[k]), |found| {
-                        for (&k, e) in picked.iter().zip(found) {
-                            if let Some(e) = e {
-                                assert!(
-                                    candidates[k].iter().any(|c| Entry::ptr_eq(c, e)),
-                                    "key {k} found another key's entry"
-                                );
+                    s.front
+                        .with_many(picked.iter().map(|&k| s.digests[k]), |found| {
+                            for (&k, e) in picked.iter().zip(found) {
+                                if let Some(e) = e {
+                                    assert!(
+                                        s.candidates[k].iter().any(|c| Entry::ptr_eq(c, e)),
+                                        "key {k} found another key's entry"
+                                    );
+                                }
                             }
-                        }
-                    });
+                        });
                 }
-                let _ = done.send(());
-            }));
+            })));
         }
         for w in 0..2u64 {
-            let (front, digests, candidates, done) = (
-                front.clone(),
-                digests.clone(),
-                candidates.clone(),
-                done.clone(),
-            );
-            threads.push(std::thread::spawn(move || {
+            threads.push(spawn(Box::new(move |s: &Shared| {
                 let mut rng = Rng(0x2000 + w);
                 for _ in 0..20_000 {
                     let k = (rng.next() % KEYS as u64) as usize;
                     match rng.next() % 3 {
-                        0 => front.remove(digests[k]),
-                        n => front.insert(digests[k], candidates[k][n as usize - 1].clone()),
+                        0 => s.front.remove(s.digests[k]),
+                        n => s
+                            .front
+                            .insert(s.digests[k], s.candidates[k][n as usize - 1].clone()),
                     }
                 }
-                let _ = done.send(());
-            }));
+            })));
         }
         drop(done);
         for _ in 0..threads.len() {
@@ -533,9 +535,9 @@ mod tests {
         }
         // What is left is exactly what the last writes left: every key found holds one of
         // its own entries.
-        for (k, d) in digests.iter().enumerate() {
-            if let Some(e) = front.get(*d) {
-                assert!(candidates[k].iter().any(|c| Entry::ptr_eq(c, &e)));
+        for (k, d) in shared.digests.iter().enumerate() {
+            if let Some(e) = shared.front.get(*d) {
+                assert!(shared.candidates[k].iter().any(|c| Entry::ptr_eq(c, &e)));
             }
         }
     }
